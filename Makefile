@@ -1,0 +1,30 @@
+# Every target sets itself up from nothing: a fresh clone needs only python3 (>= 3.11).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.cnnkit-installed
+# Real data: Debian's dataset-fashion-mnist package, else ../shared/datasets beside a checkout.
+export CNNKIT_DATA ?= $(firstword $(wildcard ../shared/datasets) $(HOME)/.cache/cnnkit/datasets)
+
+.PHONY: demo test bench lint clean install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/data.py
+	$(BIN)/python bench/loop.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+from cnnkit.cli.app import main
+
+main()

@@ -1,0 +1,42 @@
+"""Small parsing helpers shared by the subcommands (kept torch-free: they run at start-up)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import typer
+
+from cnnkit.errors import CnnkitError, UsageError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def parse_key_values(pairs: list[str] | None, flag: str = "-o") -> dict[str, str]:
+    """``["width=0.25", "batch_norm=true"]`` -> ``{"width": "0.25", "batch_norm": "true"}``."""
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{flag} '{pair}' is not of the form key=value (e.g. {flag} width=0.25)")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+def guarded(command: Callable[P, R]) -> Callable[P, R]:
+    """Run a command body so that an expected error is one stderr line and its exit code.
+
+    Unexpected exceptions (bugs) keep their traceback. Typer reads the wrapped signature.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except CnnkitError as exc:
+            exc.show()
+            raise typer.Exit(exc.exit_code) from exc
+
+    return wrapper

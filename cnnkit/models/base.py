@@ -1,0 +1,61 @@
+"""``Architecture``: the ModelSpec every built-in family file instantiates (plugins may too)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from cnnkit.errors import UsageError
+from cnnkit.protocols import Recipe
+
+__all__ = ["Architecture", "NoOptions", "parse_model_options"]
+
+O = TypeVar("O", bound=BaseModel)
+
+
+class NoOptions(BaseModel):
+    """For architectures with no hyperparameters to set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_model_options(model: str, schema: type[O], options: dict[str, Any]) -> O:
+    """Validate ``-o key=value`` options; a bad key or value is a one-line UsageError."""
+    try:
+        return schema(**options)
+    except ValidationError as exc:
+        fields = ", ".join(f"{k} ({_describe(f)})" for k, f in schema.model_fields.items()) or "none"
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}" for err in exc.errors()
+        )
+        raise UsageError(f"bad option for model '{model}': {problems}. Options it takes: {fields}") from exc
+
+
+def _describe(field: Any) -> str:
+    annotation = getattr(field.annotation, "__name__", str(field.annotation))
+    return f"{annotation}, default {field.default!r}"
+
+
+@dataclass(frozen=True)
+class Architecture(Generic[O]):
+    """A registered architecture: metadata, the seed recipe and a builder ``(c, k, options) -> Module``."""
+
+    name: str
+    summary: str
+    paper: str
+    recipe: Recipe
+    options: type[O]
+    builder: Callable[[int, int, O], nn.Module]
+
+    def build(self, in_channels: int = 1, num_classes: int = 10, **options: Any) -> nn.Module:
+        """A freshly initialised model; unknown or invalid options raise ``UsageError``."""
+        if in_channels < 1 or num_classes < 1:
+            raise UsageError(
+                f"model '{self.name}' needs in_channels >= 1 and num_classes >= 1, "
+                f"got {in_channels} and {num_classes}"
+            )
+        return self.builder(in_channels, num_classes, parse_model_options(self.name, self.options, options))

@@ -1,0 +1,178 @@
+"""Entry-point registries: one per group, filled from installed distributions' metadata.
+
+cnnkit's own architectures, datasets and trainers are declared in its ``pyproject.toml`` under the
+same groups a plugin uses, so there is one path for both. Listing reads ``entry_points.txt`` files
+only; an entry's code is imported the first time it is used. A plugin that fails to import is
+reported in one line and skipped; two distributions claiming one name are reported and resolved
+in favour of cnnkit itself (``dist:name`` picks the other one explicitly).
+
+Switches (like pytest's ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``):
+
+- ``CNNKIT_DISABLE_PLUGIN_AUTOLOAD=1``: use cnnkit's built-ins only,
+- ``CNNKIT_PLUGINS=dist-a,dist-b``: with autoload disabled, still load these distributions.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import entrypoints
+
+from cnnkit._console import warn
+from cnnkit.errors import PluginLoadError, UnknownNameError
+from cnnkit.protocols import DatasetSpec, ModelSpec, Trainer
+
+__all__ = ["Entry", "Registry", "MODELS", "DATASETS", "TRAINERS", "BUILTIN_DISTRIBUTION"]
+
+BUILTIN_DISTRIBUTION = "cnnkit"
+T = TypeVar("T")
+
+
+def _normalise(dist: str) -> str:
+    return dist.lower().replace("_", "-").replace(".", "-")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered name, as the metadata declares it (nothing imported)."""
+
+    name: str
+    target: str
+    """``module:object`` the name points to."""
+    distribution: str
+    version: str
+
+    @property
+    def builtin(self) -> bool:
+        return _normalise(self.distribution) == BUILTIN_DISTRIBUTION
+
+
+def _autoload_allowed(distribution: str) -> bool:
+    if _normalise(distribution) == BUILTIN_DISTRIBUTION:
+        return True
+    if os.environ.get("CNNKIT_DISABLE_PLUGIN_AUTOLOAD", "").strip() not in {"", "0", "false"}:
+        allowed = {_normalise(d) for d in os.environ.get("CNNKIT_PLUGINS", "").split(",") if d.strip()}
+        return _normalise(distribution) in allowed
+    return True
+
+
+class Registry(Generic[T]):
+    """The names registered under one entry-point group, loaded lazily and checked against a protocol."""
+
+    def __init__(self, group: str, kind: str, protocol: type) -> None:
+        self.group = group
+        self.kind = kind
+        self.protocol = protocol
+        self._entries: dict[str, Entry] | None = None
+        self._shadowed: dict[str, Entry] = {}
+        self._loaded: dict[str, T] = {}
+
+    # -- metadata only ---------------------------------------------------------------------
+    def entries(self) -> dict[str, Entry]:
+        """Name -> entry for every usable registration, sorted by name; imports no plugin code."""
+        if self._entries is None:
+            self._entries, self._shadowed = self._scan()
+        return self._entries
+
+    def _scan(self) -> tuple[dict[str, Entry], dict[str, Entry]]:
+        by_name: dict[str, list[Entry]] = {}
+        seen: set[tuple[str, str]] = set()
+        for ep in entrypoints.get_group_all(self.group):
+            dist = ep.distro.name if ep.distro is not None else "unknown"
+            version = (ep.distro.version or "") if ep.distro is not None else ""
+            # The same distribution can sit on sys.path twice (e.g. a build dir); first one wins.
+            if (ep.name, _normalise(dist)) in seen or not _autoload_allowed(dist):
+                continue
+            seen.add((ep.name, _normalise(dist)))
+            target = ep.module_name + (f":{ep.object_name}" if ep.object_name else "")
+            by_name.setdefault(ep.name, []).append(Entry(ep.name, target, dist, version))
+
+        chosen: dict[str, Entry] = {}
+        shadowed: dict[str, Entry] = {}
+        for name, claims in by_name.items():
+            claims.sort(key=lambda e: (not e.builtin, _normalise(e.distribution)))
+            chosen[name] = claims[0]
+            for other in claims[1:]:
+                shadowed[f"{_normalise(other.distribution)}:{name}"] = other
+                warn(
+                    f"{self.kind} '{name}' is registered by both '{claims[0].distribution}' and "
+                    f"'{other.distribution}'; using '{claims[0].distribution}' "
+                    f"(ask for '{_normalise(other.distribution)}:{name}' to use the other)"
+                )
+        return dict(sorted(chosen.items())), shadowed
+
+    def names(self, pattern: str | None = None) -> list[str]:
+        """Registered names, optionally filtered by an fnmatch pattern such as ``'res*'``."""
+        names = list(self.entries())
+        if pattern:
+            names = [n for n in names if fnmatch.fnmatchcase(n.lower(), pattern.lower())]
+        return names
+
+    def entry(self, name: str) -> Entry:
+        """The entry for ``name`` (or ``dist:name``); ``UnknownNameError`` lists what exists."""
+        entries = self.entries()
+        if name in entries:
+            return entries[name]
+        if ":" in name:
+            dist, _, short = name.partition(":")
+            qualified = f"{_normalise(dist)}:{short}"
+            if qualified in self._shadowed:
+                return self._shadowed[qualified]
+            if short in entries and _normalise(entries[short].distribution) == _normalise(dist):
+                return entries[short]
+        raise UnknownNameError(self.kind, name, entries)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self.entries()
+
+    # -- loading ---------------------------------------------------------------------------
+    def get(self, name: str) -> T:
+        """The object registered as ``name``, importing its module on first use."""
+        entry = self.entry(name)
+        key = f"{_normalise(entry.distribution)}:{entry.name}"
+        if key not in self._loaded:
+            self._loaded[key] = self._load(entry)
+        return self._loaded[key]
+
+    def _load(self, entry: Entry) -> T:
+        module_name, _, attr = entry.target.partition(":")
+        try:
+            ep = entrypoints.EntryPoint(entry.name, module_name, attr or None)
+            obj: Any = ep.load()
+        except Exception as exc:  # a plugin's import can raise anything
+            raise PluginLoadError(
+                f"{self.kind} '{entry.name}' from '{entry.distribution}' failed to load "
+                f"({type(exc).__name__}: {exc}); reinstall or remove that distribution"
+            ) from exc
+        if isinstance(obj, type):
+            obj = obj()
+        if not isinstance(obj, self.protocol):
+            raise PluginLoadError(
+                f"{self.kind} '{entry.name}' from '{entry.distribution}' ({entry.target}) is not a "
+                f"{self.protocol.__name__}; see docs/plugins.md"
+            )
+        return obj
+
+    def load_all(self, pattern: str | None = None) -> dict[str, T]:
+        """Every loadable entry; a broken plugin is reported in one line and left out."""
+        loaded: dict[str, T] = {}
+        for name in self.names(pattern):
+            try:
+                loaded[name] = self.get(name)
+            except PluginLoadError as exc:
+                warn(exc.format_message())
+        return loaded
+
+    def refresh(self) -> None:
+        """Forget what was scanned and loaded (after installing a plugin, or in tests)."""
+        self._entries = None
+        self._shadowed = {}
+        self._loaded.clear()
+
+
+MODELS: Registry[ModelSpec] = Registry("cnnkit.models", "model", ModelSpec)
+DATASETS: Registry[DatasetSpec] = Registry("cnnkit.datasets", "dataset", DatasetSpec)
+TRAINERS: Registry[Trainer] = Registry("cnnkit.trainers", "trainer", Trainer)
