@@ -1,0 +1,34 @@
+"""Shared fixtures. Every test gets its own cnnkit cache folder; real data comes from CNNKIT_DATA."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cnnkit._console import reset_warnings
+
+REAL_DATA = Path(os.environ["CNNKIT_DATA"]) if os.environ.get("CNNKIT_DATA") else None
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never touch the user's ~/.cache/cnnkit from a test; warnings show afresh in each test."""
+    monkeypatch.setenv("CNNKIT_CACHE", str(tmp_path_factory.mktemp("cnnkit-cache")))
+    monkeypatch.delenv("CNNKIT_DEBUG", raising=False)
+    reset_warnings()
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """The folder holding fashion-mnist/ and coil-20/ (skips when CNNKIT_DATA is not set)."""
+    if REAL_DATA is None or not REAL_DATA.is_dir():
+        pytest.skip("CNNKIT_DATA does not point at the real datasets")
+    return REAL_DATA
