@@ -81,7 +81,8 @@ class Registry(Generic[T]):
         by_name: dict[str, list[Entry]] = {}
         seen: set[tuple[str, str]] = set()
         for ep in entrypoints.get_group_all(self.group):
-            dist = ep.distro.name if ep.distro is not None else "unknown"
+            # Folder names spell distributions with underscores; show the canonical dashed name.
+            dist = _normalise(ep.distro.name) if ep.distro is not None else "unknown"
             version = (ep.distro.version or "") if ep.distro is not None else ""
             # The same distribution can sit on sys.path twice (e.g. a build dir); first one wins.
             if (ep.name, _normalise(dist)) in seen or not _autoload_allowed(dist):

@@ -17,7 +17,7 @@ REAL_DATA = Path(os.environ["CNNKIT_DATA"]) if os.environ.get("CNNKIT_DATA") els
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never touch the user's ~/.cache/cnnkit from a test; warnings show afresh in each test."""
     monkeypatch.setenv("CNNKIT_CACHE", str(tmp_path_factory.mktemp("cnnkit-cache")))
-    monkeypatch.delenv("CNNKIT_DEBUG", raising=False)
+    monkeypatch.setenv("CNNKIT_DEBUG", "0")  # restored after the test even if --debug sets it
     reset_warnings()
 
 
