@@ -1,7 +1,111 @@
-"""`cnnkit eval` (being written: see the open issues)."""
+"""``cnnkit eval WEIGHTS``: loss, accuracy, per-class scores and the confusion matrix of a weights file."""
 
 from __future__ import annotations
 
+import json
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
 import typer
 
+from cnnkit.cli._common import guarded, parse_key_values
+
+if TYPE_CHECKING:
+    from cnnkit.evaluate import WeightsEvaluation
+
 app = typer.Typer()
+
+
+class Split(str, Enum):
+    test = "test"
+    train = "train"
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+
+
+@app.command("eval")
+@guarded
+def eval_command(
+    weights: Annotated[Path, typer.Argument(help="A .safetensors weights file or a run directory.")],
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="Registered dataset (default: the one it was trained on).")
+    ] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Folder holding the dataset's files.")] = None,
+    dataset_option: Annotated[
+        list[str] | None,
+        typer.Option("-d", "--dataset-option", help="Dataset option key=value (overrides the recorded one)."),
+    ] = None,
+    split: Annotated[Split, typer.Option("--split", help="Which split to evaluate.")] = Split.test,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Examples per batch.")] = 256,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="table or json.")] = Format.table,
+    plot: Annotated[bool, typer.Option("--plot", help="Also write the confusion matrix as a PNG heat map.")] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Folder for confusion_<split>.csv/.png (default: the run directory or the file's folder)."
+        ),
+    ] = None,
+) -> None:
+    """Evaluate trained weights; the model and dataset come from the file's metadata."""
+    from cnnkit.evaluate import evaluate_weights, plot_confusion, write_confusion_csv
+
+    evaluation = evaluate_weights(
+        weights,
+        dataset=dataset,
+        data=data,
+        dataset_options=parse_key_values(dataset_option, flag="-d"),
+        split=split.value,
+        batch_size=batch_size,
+        device=device,
+    )
+    folder = out if out is not None else evaluation.weights.parent
+    csv_path = folder / f"confusion_{split.value}.csv"
+    write_confusion_csv(csv_path, evaluation.result.confusion, evaluation.classes)
+    written = [csv_path]
+    if plot:
+        png_path = folder / f"confusion_{split.value}.png"
+        title = f"{evaluation.meta.model} on {evaluation.dataset} ({split.value})"
+        plot_confusion(png_path, evaluation.result.confusion, evaluation.classes, title=title)
+        written.append(png_path)
+
+    if fmt is Format.json:
+        typer.echo(json.dumps({**evaluation.to_dict(), "files": [str(p) for p in written]}, indent=2))
+        return
+    _print_table(evaluation, written)
+
+
+def _print_table(evaluation: WeightsEvaluation, written: list[Path]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    result = evaluation.result
+    # No markup: class names such as '[unlabelled]' are printed as they are.
+    console = Console(markup=False, highlight=False)
+    console.print(
+        f"{evaluation.meta.model} on {evaluation.dataset} {evaluation.split} "
+        f"({result.examples} examples) from {evaluation.weights}"
+    )
+    line = f"loss {result.loss:.4f}  top-1 {result.top1:.4f}"
+    if result.top5 is not None:
+        line += f"  top-5 {result.top5:.4f}"
+    line += f"  macro F1 {result.macro_f1:.4f}"
+    recorded = evaluation.meta.metrics.get(f"{evaluation.split}_acc")
+    if recorded is not None:
+        line += f"  (recorded at epoch {evaluation.meta.epoch}: {recorded:.4f})"
+    console.print(line)
+
+    table = Table("class")
+    for column in ("precision", "recall", "F1", "support"):
+        table.add_column(column, justify="right")
+    for name, p, r, f, n in zip(
+        evaluation.classes, result.precision, result.recall, result.f1, result.support, strict=True
+    ):
+        table.add_row(name, f"{p:.4f}", f"{r:.4f}", f"{f:.4f}", str(n))
+    console.print(table)
+    for path in written:
+        console.print(f"wrote {path}")

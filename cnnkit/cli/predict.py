@@ -1,7 +1,42 @@
-"""`cnnkit predict` (being written: see the open issues)."""
+"""``cnnkit predict WEIGHTS IMAGE...``: the most probable classes of image files."""
 
 from __future__ import annotations
 
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
+from cnnkit.cli._common import guarded
+
 app = typer.Typer()
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+
+
+@app.command("predict")
+@guarded
+def predict_command(
+    weights: Annotated[Path, typer.Argument(help="A .safetensors weights file or a run directory.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...).")],
+    top: Annotated[int, typer.Option("--top", "-k", help="How many classes to show per image.")] = 3,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="table or json.")] = Format.table,
+) -> None:
+    """Classify images with trained weights: top-K classes and their probabilities."""
+    from cnnkit.evaluate import predict_files
+
+    predictions = predict_files(weights, images, top=top, device=device)
+    if fmt is Format.json:
+        typer.echo(json.dumps([p.to_dict() for p in predictions], indent=2))
+        return
+    width = max(len(name) for p in predictions for name, _ in p.top)
+    for prediction in predictions:
+        typer.echo(str(prediction.image))
+        for name, probability in prediction.top:
+            typer.echo(f"  {name:<{width}}  {probability:7.2%}")

@@ -1,0 +1,390 @@
+"""Evaluate a classifier on a split (loss, top-1/top-5, confusion matrix, per-class scores) or on image files.
+
+:func:`evaluate` is the one loop both ``cnnkit eval`` and the trainer use. It keeps every count on
+the model's device (a confusion matrix built with ``bincount``) and synchronises once at the end,
+so it never stalls a GPU with per-batch ``.item()`` calls. :func:`evaluate_weights` is the whole
+of ``cnnkit eval``: weights file in, dataset from its metadata, result out; :func:`predict_files`
+is the whole of ``cnnkit predict``.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnkit.checkpoint import WeightsMeta, atomic_write, load_weights, resolve_weights
+from cnnkit.errors import DataError, UsageError, WeightsError
+
+if TYPE_CHECKING:
+    from cnnkit.protocols import DatasetSplits
+
+__all__ = [
+    "EvalResult",
+    "evaluate",
+    "WeightsEvaluation",
+    "evaluate_weights",
+    "check_fit",
+    "write_confusion_csv",
+    "plot_confusion",
+    "Prediction",
+    "load_images",
+    "prepare_images",
+    "predict_files",
+]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What :func:`evaluate` measured over one split."""
+
+    loss: float
+    """Mean cross-entropy per example."""
+    top1: float
+    top5: float | None
+    """Top-5 accuracy; None when there are 5 classes or fewer (it would always be 1)."""
+    confusion: torch.Tensor
+    """(K, K) int64 counts on the CPU: rows are true classes, columns predicted classes."""
+    precision: list[float]
+    recall: list[float]
+    f1: list[float]
+
+    @property
+    def examples(self) -> int:
+        """How many examples were evaluated."""
+        return int(self.confusion.sum())
+
+    @property
+    def support(self) -> list[int]:
+        """Examples per true class."""
+        return self.confusion.sum(dim=1).tolist()
+
+    @property
+    def macro_f1(self) -> float:
+        """Unweighted mean of the per-class F1 scores."""
+        return sum(self.f1) / len(self.f1)
+
+    def to_dict(self, classes: Sequence[str] | None = None) -> dict[str, Any]:
+        """A JSON-ready summary; ``classes`` names the rows (else they are numbered)."""
+        names = list(classes) if classes is not None else [str(i) for i in range(len(self.f1))]
+        return {
+            "examples": self.examples,
+            "loss": self.loss,
+            "top1": self.top1,
+            "top5": self.top5,
+            "macro_f1": self.macro_f1,
+            "per_class": [
+                {"class": name, "precision": p, "recall": r, "f1": f, "support": s}
+                for name, p, r, f, s in zip(names, self.precision, self.recall, self.f1, self.support, strict=True)
+            ],
+            "confusion": self.confusion.tolist(),
+        }
+
+
+def _per_class(confusion: torch.Tensor) -> tuple[list[float], list[float], list[float]]:
+    counts = confusion.double()
+    hits = counts.diagonal()
+    predicted, actual = counts.sum(dim=0), counts.sum(dim=1)
+    # A class never predicted (or never present) scores 0 rather than NaN, as scikit-learn does.
+    precision = torch.where(predicted > 0, hits / predicted.clamp(min=1), 0.0)
+    recall = torch.where(actual > 0, hits / actual.clamp(min=1), 0.0)
+    both = precision + recall
+    f1 = torch.where(both > 0, 2 * precision * recall / both.clamp(min=1e-12), 0.0)
+    return precision.tolist(), recall.tolist(), f1.tolist()
+
+
+def evaluate(
+    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int
+) -> EvalResult:
+    """Run ``model`` over every ``(images, labels)`` batch of ``loader`` without gradients.
+
+    Images must already be on the model's device and prepared as for training (resized,
+    normalised). The model is put in eval mode and returned to its previous mode afterwards.
+    """
+    if num_classes < 1:
+        raise UsageError(f"num_classes must be >= 1, got {num_classes}")
+    was_training = model.training
+    model.eval()
+    k = num_classes
+    sums: dict[str, torch.Tensor] = {}
+    try:
+        with torch.inference_mode():
+            for images, labels in loader:
+                logits = model(images).float()
+                if logits.ndim != 2 or logits.shape[1] != k:
+                    raise WeightsError(
+                        f"the model outputs shape {tuple(logits.shape)}, expected (batch, {k}) "
+                        f"for {k} classes; evaluate it on a dataset with as many classes as it outputs"
+                    )
+                labels = labels.to(logits.device, torch.long)
+                if not sums:
+                    # MPS has no float64; elsewhere a float64 sum stays exact over any split size.
+                    acc = torch.float32 if logits.device.type == "mps" else torch.float64
+                    sums = {
+                        "loss": torch.zeros((), dtype=acc, device=logits.device),
+                        "confusion": torch.zeros(k * k, dtype=torch.long, device=logits.device),
+                        "top5": torch.zeros((), dtype=torch.long, device=logits.device),
+                        "bad_labels": torch.zeros((), dtype=torch.long, device=logits.device),
+                    }
+                valid = (labels >= 0) & (labels < k)
+                sums["bad_labels"] += (~valid).sum()
+                safe = labels.clamp(0, k - 1)
+                sums["loss"] += F.cross_entropy(logits, safe, reduction="sum").to(sums["loss"].dtype)
+                # A bincount of true*K+predicted, done with index_add_: CUDA's bincount reads the
+                # input's max back to the host to size its output, a sync on every batch.
+                sums["confusion"].index_add_(0, safe * k + logits.argmax(dim=1), valid.long())
+                if k > 5:
+                    sums["top5"] += (logits.topk(5, dim=1).indices == labels[:, None]).any(dim=1).sum()
+    finally:
+        model.train(was_training)
+    if not sums:
+        raise DataError("nothing to evaluate: the split has no examples")
+    if int(sums["bad_labels"]):
+        raise DataError(
+            f"{int(sums['bad_labels'])} labels lie outside 0..{k - 1} for a {k}-class model; "
+            "evaluate on the dataset the weights were trained for"
+        )
+    matrix = sums["confusion"].view(k, k).cpu()
+    total = int(matrix.sum())
+    if total == 0:
+        raise DataError("nothing to evaluate: the split has no examples")
+    precision, recall, f1 = _per_class(matrix)
+    return EvalResult(
+        loss=float(sums["loss"]) / total,
+        top1=int(matrix.diagonal().sum()) / total,
+        top5=int(sums["top5"]) / total if k > 5 else None,
+        confusion=matrix,
+        precision=precision,
+        recall=recall,
+        f1=f1,
+    )
+
+
+def check_fit(weights: Path | str, meta: WeightsMeta, data: DatasetSplits) -> None:
+    """WeightsError, naming both sides, when ``data`` has other channels or classes than ``meta``."""
+    channels, classes = data.channels, len(data.classes)
+    if channels == meta.in_channels and classes == meta.num_classes:
+        return
+
+    def describe(c: int, k: int) -> str:
+        return f"{c} channel{'s' * (c != 1)} and {k} class{'es' * (k != 1)}"
+
+    trained_on = f"; they were trained on {meta.dataset}" if meta.dataset and meta.dataset != data.name else ""
+    raise WeightsError(
+        f"weights {weights} expect {describe(meta.in_channels, meta.num_classes)}; "
+        f"{data.name} has {describe(channels, classes)}{trained_on}"
+    )
+
+
+@dataclass(frozen=True)
+class WeightsEvaluation:
+    """A weights file evaluated on a dataset split (what ``cnnkit eval`` prints)."""
+
+    weights: Path
+    meta: WeightsMeta
+    dataset: str
+    split: str
+    classes: list[str]
+    result: EvalResult
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary, including what the run recorded at training time."""
+        return {
+            "weights": str(self.weights),
+            "model": self.meta.model,
+            "dataset": self.dataset,
+            "split": self.split,
+            "recorded": dict(self.meta.metrics),
+            **self.result.to_dict(self.classes),
+        }
+
+
+def evaluate_weights(
+    weights: str | Path,
+    dataset: str | None = None,
+    data: str | Path | None = None,
+    dataset_options: Mapping[str, Any] | None = None,
+    split: str = "test",
+    batch_size: int = 256,
+    device: str | torch.device = "auto",
+) -> WeightsEvaluation:
+    """Evaluate a weights file (or run directory) on a registered dataset's split.
+
+    The model is rebuilt from the file's metadata alone. The dataset defaults to the one the
+    weights were trained on, with the same loading options (so a seeded random split is
+    reproduced); ``dataset_options`` override single options. Images are resized to the
+    training input size and normalised exactly as in training.
+    """
+    from cnnkit import data as datasets
+    from cnnkit.device import resolve_device
+    from cnnkit.registry import DATASETS
+
+    if split not in {"train", "test"}:
+        raise UsageError(f"--split '{split}' is not a split; use test or train")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    target = resolve_device(device) if isinstance(device, str) else device
+    file = resolve_weights(weights)
+    model, meta = load_weights(file, target)
+
+    name = dataset or meta.dataset
+    if name is None:
+        raise UsageError(
+            f"weights {file} do not record the dataset they were trained on; pass --dataset "
+            f"(registered: {', '.join(DATASETS.names())})"
+        )
+    # The recorded options only describe the recorded dataset; another one starts from defaults.
+    options = dict(meta.dataset_options) if name == meta.dataset else {}
+    options.update(dataset_options or {})
+    splits = datasets.load_dataset(name, Path(data) if data is not None else None, **options)
+    check_fit(file, meta, splits)
+    if list(splits.classes) != list(meta.classes):
+        from cnnkit._console import warn
+
+        warn(f"{splits.name} names its classes differently from weights {file}; reporting the weights' names")
+
+    from cnnkit.data.batches import BatchLoader
+
+    loader = BatchLoader(
+        getattr(splits, split),
+        batch_size=batch_size,
+        image_size=meta.input_size,
+        mean=meta.mean,
+        std=meta.std,
+        device=target,
+    )
+    result = evaluate(model, loader, meta.num_classes)
+    return WeightsEvaluation(file, meta, splits.name, split, list(meta.classes), result)
+
+
+def write_confusion_csv(path: str | Path, confusion: torch.Tensor, classes: Sequence[str]) -> None:
+    """The confusion matrix as CSV: a header of predicted class names, one row per true class."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            out = csv.writer(handle)
+            out.writerow(["true \\ predicted", *classes])
+            for name, row in zip(classes, confusion.tolist(), strict=True):
+                out.writerow([name, *row])
+
+    atomic_write(path, write)
+
+
+def plot_confusion(path: str | Path, confusion: torch.Tensor, classes: Sequence[str], title: str = "") -> None:
+    """A PNG heat map of the confusion matrix, coloured by row share (recall), counts written in."""
+    # The object-oriented API with the Agg canvas: no pyplot, so no global backend is touched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = confusion.double()
+    share = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    k = len(classes)
+    side = max(4.0, 0.45 * k + 2)
+    fig = Figure(figsize=(side + 1, side), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    ax.set_xticks(range(k), classes, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title)
+    if k <= 30:
+        for (i, j), n in zip(((i, j) for i in range(k) for j in range(k)), confusion.flatten().tolist()):
+            if n:
+                ax.text(j, i, str(n), ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 0.5 else "black")  # fmt: skip
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The most probable classes for one image, best first."""
+
+    image: Path
+    top: list[tuple[str, float]]
+    """(class name, probability) pairs."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form."""
+        return {"image": str(self.image), "top": [{"class": c, "probability": p} for c, p in self.top]}
+
+
+def load_images(paths: Sequence[str | Path], channels: int) -> list[torch.Tensor]:
+    """Decode image files into uint8 (C, H, W) tensors with 1 (grayscale) or 3 (RGB) channels.
+
+    A file PIL cannot read is a one-line DataError naming it.
+    """
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    if channels not in (1, 3):
+        raise WeightsError(f"image files can give 1 or 3 channels; these weights expect {channels}")
+    decoded = []
+    for path in map(Path, paths):
+        try:
+            with Image.open(path) as image:
+                # convert() also decodes, so truncated files fail here rather than later.
+                decoded.append(pil_to_tensor(image.convert("L" if channels == 1 else "RGB")))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            reason = "no such file" if isinstance(exc, FileNotFoundError) else (str(exc).splitlines() or ["?"])[0]
+            raise DataError(f"image {path} cannot be read ({reason}); pass PNG, JPEG or other files PIL opens") from exc
+    return decoded
+
+
+def prepare_images(
+    images: Sequence[torch.Tensor],
+    size: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """uint8 (C, H, W) images of any sizes -> one float batch (N, C, size, size) as the model was trained.
+
+    Scaled to 0..1, resized (bilinear, antialiased) with images of equal size resized together,
+    then normalised with ``mean``/``std`` when given.
+    """
+    batch = torch.empty(len(images), images[0].shape[0], size, size, device=device)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        by_shape.setdefault(tuple(image.shape), []).append(index)
+    for shape, indices in by_shape.items():
+        group = torch.stack([images[i] for i in indices]).to(device).float().div_(255)
+        if shape[1:] != (size, size):
+            group = F.interpolate(group, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        batch[indices] = group
+    if mean is not None and std is not None:
+        shift = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        scale = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        batch = (batch - shift) / scale
+    return batch
+
+
+def predict_files(
+    weights: str | Path, images: Sequence[str | Path], top: int = 5, device: str | torch.device = "auto"
+) -> list[Prediction]:
+    """The ``top`` most probable classes of each image file under a weights file's model."""
+    from cnnkit.device import resolve_device
+
+    if top < 1:
+        raise UsageError(f"--top must be >= 1, got {top}")
+    if not images:
+        raise UsageError("no images given; pass one or more image files")
+    target = resolve_device(device) if isinstance(device, str) else device
+    model, meta = load_weights(weights, target)
+    batch = prepare_images(load_images(images, meta.in_channels), meta.input_size, meta.mean, meta.std, target)
+    with torch.inference_mode():
+        probabilities = model(batch).float().softmax(dim=1)
+    best = probabilities.topk(min(top, meta.num_classes), dim=1)
+    return [
+        Prediction(Path(path), [(meta.classes[c], p) for c, p in zip(cls, prob, strict=True)])
+        for path, cls, prob in zip(images, best.indices.tolist(), best.values.tolist(), strict=True)
+    ]
