@@ -5,6 +5,7 @@ The public API is small and importing it is cheap: torch is imported only when a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -12,7 +13,8 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from torch import nn
 
-    from cnnkit.protocols import DatasetSpec, ModelSpec, Trainer
+    from cnnkit.protocols import DatasetSpec, DatasetSplits, ModelSpec, Trainer
+    from cnnkit.summary import ModelSummary
 
 __all__ = [
     "__version__",
@@ -23,6 +25,9 @@ __all__ = [
     "list_datasets",
     "list_models",
     "list_trainers",
+    "load_dataset",
+    "load_model",
+    "summarize",
 ]
 
 
@@ -71,3 +76,26 @@ def get_trainer(name: str) -> Trainer:
 def build_model(name: str, in_channels: int = 1, num_classes: int = 10, **options: Any) -> nn.Module:
     """Build a freshly initialised model: ``build_model("vgg11", 1, 10, width=0.25)``."""
     return get_model(name).build(in_channels, num_classes, **options)
+
+
+def load_model(path: str | Path, device: str = "cpu") -> nn.Module:
+    """Rebuild a model from a cnnkit ``.safetensors`` file (or a run directory) alone, in eval mode."""
+    from cnnkit.checkpoint import load_model as _load_model
+
+    return _load_model(path, device=device)
+
+
+def load_dataset(name: str, data: str | Path | None = None, **options: Any) -> DatasetSplits:
+    """Both splits of a registered dataset as uint8 tensors: ``load_dataset("coil20", split="pose-block")``."""
+    from cnnkit.data import load_dataset as _load_dataset
+
+    return _load_dataset(name, data, **options)
+
+
+def summarize(
+    model: str, input_shape: tuple[int, int, int] | None = None, num_classes: int = 10, **kwargs: Any
+) -> ModelSummary:
+    """Layer table, parameters and MACs of a registered model, computed on the meta device."""
+    from cnnkit.summary import summarize as _summarize
+
+    return _summarize(model, input_shape, num_classes, **kwargs)
