@@ -1,0 +1,81 @@
+"""AlexNet, as the d2l book builds it for Fashion-MNIST.
+
+Krizhevsky, Sutskever, Hinton: "ImageNet Classification with Deep Convolutional Neural Networks",
+NeurIPS 2012. The layout follows d2l section 8.1: a 96-256-384-384-256 convolutional trunk with an
+11x11 stride-4 stem (padding 1), three 3x3 stride-2 max pools, then a 4096-4096 fully connected
+classifier with dropout. At d2l's 224 px input the trunk ends in a 5x5 map; adaptive average
+pooling to 5x5 (an identity there) lets any large enough input reach the same 6400 features.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from cnnkit.models.base import Architecture
+from cnnkit.protocols import Recipe
+
+__all__ = ["AlexNetOptions", "ALEXNET"]
+
+# (out_channels, kernel, stride, padding, max pool after it)
+_CONVS: list[tuple[int, int, int, int, bool]] = [
+    (96, 11, 4, 1, True),
+    (256, 5, 1, 2, True),
+    (384, 3, 1, 1, False),
+    (384, 3, 1, 1, False),
+    (256, 3, 1, 1, True),
+]
+_POOLED_SIDE = 5  # the trunk's map side at d2l's 224 px input
+_HIDDEN = 4096
+
+
+class AlexNetOptions(BaseModel):
+    """AlexNet hyperparameters (``-o key=value``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dropout: float = Field(0.5, ge=0, lt=1, description="Dropout probability after each hidden linear layer.")
+
+
+def _alexnet(in_channels: int, num_classes: int, options: AlexNetOptions) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for out_channels, kernel, stride, padding, pool in _CONVS:
+        layers += [nn.Conv2d(channels, out_channels, kernel, stride, padding), nn.ReLU(inplace=True)]
+        if pool:
+            layers.append(nn.MaxPool2d(kernel_size=3, stride=2))
+        channels = out_channels
+    model = nn.Sequential()
+    model.add_module("features", nn.Sequential(*layers))
+    model.add_module("avgpool", nn.AdaptiveAvgPool2d(_POOLED_SIDE))
+    model.add_module(
+        "classifier",
+        nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * _POOLED_SIDE * _POOLED_SIDE, _HIDDEN), nn.ReLU(inplace=True),
+            nn.Dropout(options.dropout),
+            nn.Linear(_HIDDEN, _HIDDEN), nn.ReLU(inplace=True),
+            nn.Dropout(options.dropout),
+            nn.Linear(_HIDDEN, num_classes),
+        ),  # fmt: skip
+    )
+    # torchvision's VGG initialisation (its AlexNet keeps PyTorch defaults): He for the ReLU
+    # convolutions, small Gaussian for the linear layers, so lr 0.01 SGD starts moving at once.
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0, 0.01)
+            nn.init.zeros_(module.bias)
+    return model
+
+
+ALEXNET = Architecture(
+    name="alexnet",
+    summary="AlexNet (d2l 8.1): 96-256-384-384-256 convs, 4096-4096 FC with dropout; 224 px",
+    paper="Krizhevsky, Sutskever & Hinton, ImageNet Classification with Deep CNNs, NeurIPS 2012",
+    recipe=Recipe(input_size=224, batch_size=128, lr=0.01, epochs=10),
+    options=AlexNetOptions,
+    builder=_alexnet,
+)
