@@ -1,0 +1,167 @@
+"""Whole-batch pipeline over an in-memory uint8 split: index, move, resize, normalise, augment.
+
+The seed pipelines decode, resize and convert one PIL image at a time inside a DataLoader. Here a
+batch is a slice of one uint8 tensor: it is moved to the device as uint8 (4x fewer bytes than
+float), and every transform runs once on the whole batch there. On a CPU, bilinear resizing of
+every batch from 28 px to 96 or 224 px would dominate an epoch, so the split is resized once to a
+uint8 copy at the target size (kept for the process) and batches are cut from that copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cnnkit.protocols import ImageTensors
+
+__all__ = ["BatchLoader", "resize_uint8", "to_float"]
+
+_RESIZE_CHUNK = 2048
+
+
+def to_float(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 in 0..1 at ``size`` x ``size`` (bilinear, antialiased when shrinking)."""
+    x = images.float().div_(255)
+    if x.shape[-2:] != (size, size):
+        shrinking = size < x.shape[-1] or size < x.shape[-2]
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking)
+        x.clamp_(0, 1)
+    return x
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """A uint8 copy of ``images`` at ``size`` x ``size``, resized in chunks to bound memory."""
+    if images.shape[-2:] == (size, size):
+        return images
+    # Kept on the source tensor itself, so it lives exactly as long as the split: a run, its
+    # evaluations and a benchmark resize once; a freed split can never hand out a stale copy.
+    cache: dict[int, torch.Tensor] = images.__dict__.setdefault("_cnnkit_resized", {})
+    if size in cache:
+        return cache[size]
+    out = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8, device=images.device)
+    for start in range(0, images.shape[0], _RESIZE_CHUNK):
+        chunk = to_float(images[start : start + _RESIZE_CHUNK], size)
+        out[start : start + chunk.shape[0]] = chunk.mul_(255).round_().to(torch.uint8)
+    cache[size] = out
+    return out
+
+
+class BatchLoader:
+    """Batches of one in-memory split, transformed on ``device``; reproducible per (seed, epoch).
+
+    Yields ``(images, labels)``: float32 (B, C, image_size, image_size) scaled to 0..1 and, when
+    ``mean``/``std`` are given, normalised; int64 labels. ``augment`` adds a random crop from a
+    zero-padded image (pad = image_size / 8) and a horizontal flip, drawn per example.
+    """
+
+    def __init__(
+        self,
+        split: ImageTensors,
+        *,
+        batch_size: int,
+        image_size: int,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        augment: bool = False,
+        shuffle: bool = False,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        drop_last: bool = False,
+        channels_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.augment = augment
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.channels_last = channels_last
+        images, labels = split.images, split.labels
+        if self.device.type == "cpu":
+            # Resizing per batch would dominate a CPU epoch: resize the split once instead.
+            images = resize_uint8(images, image_size)
+        elif self.device.type == "cuda":
+            # The whole uint8 split usually fits on the GPU: move it once, index it there.
+            images, labels = images.to(self.device), labels.to(self.device)
+        self.images, self.labels = images, labels
+        channels = images.shape[1]
+        self.mean = self._stat(mean, channels)
+        self.std = self._stat(std, channels)
+
+    def _stat(self, values: Sequence[float] | None, channels: int) -> torch.Tensor | None:
+        if values is None:
+            return None
+        stat = torch.tensor(list(values), dtype=torch.float32, device=self.device)
+        if stat.numel() == 1:
+            stat = stat.expand(channels)
+        return stat.view(1, channels, 1, 1)
+
+    @property
+    def num_examples(self) -> int:
+        """Examples one epoch yields (fewer than the split with ``drop_last``)."""
+        n = int(self.labels.shape[0])
+        return (n // self.batch_size) * self.batch_size if self.drop_last else n
+
+    def __len__(self) -> int:
+        n = int(self.labels.shape[0])
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _generator(self, epoch: int) -> torch.Generator:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(self.seed * 1_000_003 + epoch)
+        return generator
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of epoch ``epoch``: the same order and augmentations for the same (seed, epoch)."""
+        n = int(self.labels.shape[0])
+        generator = self._generator(epoch)
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        if self.images.device != order.device:
+            order = order.to(self.images.device)
+        stop = len(self) * self.batch_size if self.drop_last else n
+        for start in range(0, stop, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self._transform(self.images[index], generator), self._move(self.labels[index])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of epoch 0 (evaluation loaders neither shuffle nor augment)."""
+        return self.epoch(0)
+
+    def _move(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device == self.device:
+            return tensor
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
+    def _transform(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = to_float(self._move(batch), self.image_size)
+        if self.augment:
+            x = self._augment(x, generator)
+        if self.mean is not None and self.std is not None:
+            x = x.sub_(self.mean).div_(self.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Random crop from a zero-padded image and a horizontal flip, per example, on the device."""
+        b, _, h, w = x.shape
+        pad = max(1, round(self.image_size / 8))
+        padded = F.pad(x, (pad, pad, pad, pad))
+        # Offsets and flips come from the CPU generator so the draw is identical on every device.
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+        flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+        rows = (torch.arange(h, device=x.device).view(1, h) + dy.view(b, 1)).view(b, 1, h, 1)
+        cols = torch.arange(w, device=x.device).view(1, w).expand(b, w)
+        cols = torch.where(flip.view(b, 1), cols.flip(1), cols) + dx.view(b, 1)
+        cols = cols.view(b, 1, 1, w)
+        batch_index = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+        channels = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+        return padded[batch_index, channels, rows, cols]
