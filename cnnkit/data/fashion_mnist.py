@@ -73,7 +73,7 @@ class FashionMNIST:
         return found
 
     def load(self, data: Path | None = None, **options: Any) -> DatasetSplits:
-        parse_model_options(self.name, FashionMNISTOptions, options)
+        parse_model_options(self.name, FashionMNISTOptions, options, kind="dataset")
         folder = self.locate(data)
         files = self.files(folder)
         key = source_key(self.name, files, {})

@@ -23,8 +23,8 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def parse_model_options(model: str, schema: type[O], options: dict[str, Any]) -> O:
-    """Validate ``-o key=value`` options; a bad key or value is a one-line UsageError."""
+def parse_model_options(model: str, schema: type[O], options: dict[str, Any], kind: str = "model") -> O:
+    """Validate ``-o key=value`` options of a model (or a dataset: ``kind``); a bad one is a UsageError."""
     try:
         return schema(**options)
     except ValidationError as exc:
@@ -32,7 +32,7 @@ def parse_model_options(model: str, schema: type[O], options: dict[str, Any]) ->
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}" for err in exc.errors()
         )
-        raise UsageError(f"bad option for model '{model}': {problems}. Options it takes: {fields}") from exc
+        raise UsageError(f"bad option for {kind} '{model}': {problems}. Options it takes: {fields}") from exc
 
 
 def _describe(field: Any) -> str:

@@ -1,0 +1,151 @@
+"""Any folder of class subfolders: ``root/<class>/*.png|jpg|jpeg|bmp``.
+
+With ``root/train/<class>`` and ``root/test/<class>`` the split is given; otherwise a seeded split,
+stratified per class, holds out ``test_fraction`` of each class. Class names are the subfolder
+names in sorted order (label i is the i-th name), never the order files happen to be listed in.
+Images are decoded once at load time (then cached); mixed sizes are resized to a common size.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cnnkit.data.cache import cached_splits, dataset_statistics, source_key
+from cnnkit.data.images import IMAGE_SUFFIXES, decode_images
+from cnnkit.data.locate import find_folder
+from cnnkit.errors import DataError
+from cnnkit.models.base import parse_model_options
+from cnnkit.protocols import DatasetSplits, ImageTensors
+
+__all__ = ["IMAGE_FOLDER", "ImageFolder", "ImageFolderOptions"]
+
+HOW_TO_GET = "lay the images out as root/<class>/*.png (optionally root/train/... and root/test/...)"
+
+
+class ImageFolderOptions(BaseModel):
+    """How an image folder is read and split."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    channels: int | None = Field(None, description="1 (grayscale) or 3 (RGB); default: 1 if every image is grayscale.")
+    image_size: int | None = Field(None, gt=0, description="Side every image is resized to; default: the most common size.")
+    seed: int = Field(0, description="Seed of the split when there are no train/ and test/ subfolders.")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="Share of each class held out when the split is not given.")
+
+    @field_validator("channels")
+    @classmethod
+    def _one_or_three(cls, value: int | None) -> int | None:
+        if value not in (None, 1, 3):
+            raise ValueError("must be 1 or 3")
+        return value
+
+
+def _class_files(root: Path) -> dict[str, list[Path]]:
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root} has no class subfolders; {HOW_TO_GET}")
+    found: dict[str, list[Path]] = {}
+    for folder in classes:
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"class folder {folder} holds no .png/.jpg/.jpeg/.bmp images; add some or remove it")
+        found[folder.name] = files
+    return found
+
+
+def _native(paths: list[Path]) -> tuple[bool, Counter[tuple[int, int]]]:
+    """Whether every image is grayscale, and how common each (H, W) is (headers only, no decoding)."""
+    from PIL import Image, UnidentifiedImageError
+
+    gray, sizes = True, Counter[tuple[int, int]]()
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                gray &= image.mode in {"1", "L", "I;16", "I", "LA"}
+                sizes[(image.height, image.width)] += 1
+        except (UnidentifiedImageError, OSError) as exc:
+            what = "is empty (0 bytes)" if path.stat().st_size == 0 else f"is not a readable image ({exc})"
+            raise DataError(f"{path} {what}; replace or remove it") from exc
+    return gray, sizes
+
+
+class ImageFolder:
+    """The registered ``image-folder`` dataset."""
+
+    name = "image-folder"
+    summary = "Any folder of class subfolders root/<class>/*.png (train/ and test/ optional); --data PATH"
+    classes: tuple[str, ...] = ()
+    channels = 3
+    image_size = (0, 0)
+    options = ImageFolderOptions
+
+    def locate(self, data: Path | None = None) -> Path:
+        return find_folder(self.name, data, ["image-folder"], how_to_get=HOW_TO_GET)
+
+    def load(self, data: Path | None = None, **options: Any) -> DatasetSplits:
+        opts = parse_model_options(self.name, ImageFolderOptions, options, kind="dataset")
+        root = self.locate(data)
+        given = (root / "train").is_dir() and (root / "test").is_dir()
+        parts = {"train": _class_files(root / "train"), "test": _class_files(root / "test")} if given else None
+        everything = _class_files(root) if parts is None else parts["train"]
+        if parts is not None and sorted(parts["test"]) != sorted(parts["train"]):
+            raise DataError(
+                f"{root}: train/ and test/ hold different classes ({', '.join(sorted(parts['train']))} vs "
+                f"{', '.join(sorted(parts['test']))}); give both the same class folders"
+            )
+        all_files = [f for group in (parts.values() if parts else [everything]) for fs in group.values() for f in fs]
+        key = source_key(self.name, all_files, opts.model_dump())
+        return cached_splits(key, self.name, root, lambda: self._decode(root, everything, parts, all_files, opts))
+
+    def _decode(
+        self,
+        root: Path,
+        everything: dict[str, list[Path]],
+        parts: dict[str, dict[str, list[Path]]] | None,
+        all_files: list[Path],
+        opts: ImageFolderOptions,
+    ) -> DatasetSplits:
+        gray, sizes = _native(all_files)
+        channels = opts.channels or (1 if gray else 3)
+        size = (opts.image_size, opts.image_size) if opts.image_size else sizes.most_common(1)[0][0]
+        classes = tuple(sorted(everything))
+
+        def tensors(groups: dict[str, list[Path]]) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
+            files = [f for c in classes for f in groups[c]]
+            labels = torch.tensor([i for i, c in enumerate(classes) for _ in groups[c]], dtype=torch.long)
+            return files, decode_images(files, channels, size), labels
+
+        if parts is not None:
+            train_files, train_x, train_y = tensors(parts["train"])
+            test_files, test_x, test_y = tensors(parts["test"])
+        else:
+            files, images, labels = tensors(everything)
+            generator = torch.Generator().manual_seed(opts.seed)
+            test = torch.zeros(len(files), dtype=torch.bool)
+            for label in range(len(classes)):
+                members = (labels == label).nonzero().flatten()
+                count = min(len(members) - 1, max(1, round(len(members) * opts.test_fraction)))
+                test[members[torch.randperm(len(members), generator=generator)[:count]]] = True
+            train_files = [f for f, t in zip(files, test.tolist(), strict=True) if not t]
+            test_files = [f for f, t in zip(files, test.tolist(), strict=True) if t]
+            train_x, train_y, test_x, test_y = images[~test], labels[~test], images[test], labels[test]
+        mean, std = dataset_statistics(train_x)
+        relative = lambda fs: [str(f.relative_to(root)) for f in fs]  # noqa: E731
+        return DatasetSplits(
+            name=self.name,
+            train=ImageTensors(train_x.contiguous(), train_y),
+            test=ImageTensors(test_x.contiguous(), test_y),
+            classes=classes,
+            source=root,
+            mean=mean,
+            std=std,
+            split_files={"train": relative(train_files), "test": relative(test_files)},
+        )
+
+
+IMAGE_FOLDER = ImageFolder()
