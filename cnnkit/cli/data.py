@@ -1,7 +1,71 @@
-"""`cnnkit data` (being written: see the open issues)."""
+"""``cnnkit data fetch|info``: get a dataset, and see where its files are and what they hold."""
 
 from __future__ import annotations
 
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-app = typer.Typer()
+from cnnkit.cli._common import guarded, parse_key_values
+
+app = typer.Typer(help="Fetch datasets and show where their files are.")
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+
+
+DataOpt = Annotated[Path | None, typer.Option("--data", help="The dataset's folder (default: $CNNKIT_DATA/<name>).")]
+
+
+@app.command("fetch")
+@guarded
+def fetch(name: Annotated[str, typer.Argument(help="Dataset to download (fashion-mnist).")], data: DataOpt = None) -> None:
+    """Download a dataset's files (Fashion-MNIST from torchvision's mirrors, MD5-checked)."""
+    from cnnkit.data.fetch import fetch as fetch_files
+
+    folder = fetch_files(name, data)
+    typer.echo(f"{name}: files in {folder}")
+
+
+@app.command("info")
+@guarded
+def info(
+    name: Annotated[str, typer.Argument(help="A registered dataset (cnnkit list datasets).")],
+    data: DataOpt = None,
+    dataset_option: Annotated[
+        list[str] | None, typer.Option("--dataset-option", "-d", help="Loading option key=value, e.g. -d split=pose-block.")
+    ] = None,
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="table or json.")] = Format.table,
+) -> None:
+    """Classes, channels, native size, split sizes, statistics and where the files were found."""
+    from cnnkit.data import load_dataset
+    from cnnkit.registry import DATASETS
+
+    spec = DATASETS.get(name)
+    splits = load_dataset(name, data, **parse_key_values(dataset_option, "-d"))
+    _, channels, height, width = splits.train.images.shape
+    report = {
+        "name": name,
+        "summary": spec.summary,
+        "source": str(splits.source),
+        "classes": list(splits.classes),
+        "channels": int(channels),
+        "image_size": [int(height), int(width)],
+        "train": len(splits.train),
+        "test": len(splits.test),
+        "mean": [round(m, 4) for m in splits.mean],
+        "std": [round(s, 4) for s in splits.std],
+    }
+    if fmt is Format.json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"{name}: {spec.summary}")
+    typer.echo(f"  files     {report['source']}")
+    typer.echo(f"  images    {channels}x{height}x{width}, train {report['train']:,}, test {report['test']:,}")
+    typer.echo(f"  classes   {len(splits.classes)}: {', '.join(splits.classes)}")
+    typer.echo(f"  mean/std  {report['mean']} / {report['std']}")
