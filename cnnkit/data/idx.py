@@ -26,7 +26,7 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
         raise DataError(f"{path} is missing") from None
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise DataError(f"{path} cannot be read ({exc}); the file is damaged: fetch it again") from exc
-    if len(raw) < 4 + 4 * ndim:
+    if len(raw) < 4:
         raise DataError(f"{path} is truncated: {len(raw)} bytes is shorter than an IDX header")
     zero, dtype, dims = raw[0] << 8 | raw[1], raw[2], raw[3]
     if zero != 0 or dtype != _UBYTE or dims != ndim:
@@ -34,6 +34,8 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
             f"{path} has magic number 0x{raw[:4].hex()}, expected 0x000008{ndim:02x} "
             f"(an unsigned-byte IDX file with {ndim} dimension{'s' if ndim > 1 else ''})"
         )
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path} is truncated: {len(raw)} bytes is shorter than an IDX header")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = 4 + 4 * ndim + int(np.prod(shape))
     if len(raw) != expected:
