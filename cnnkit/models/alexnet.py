@@ -12,7 +12,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from cnnkit.models.base import Architecture
+from cnnkit.models.base import Architecture, fc_classifier, init_relu_cnn
 from cnnkit.protocols import Recipe
 
 __all__ = ["AlexNetOptions", "ALEXNET"]
@@ -48,27 +48,10 @@ def _alexnet(in_channels: int, num_classes: int, options: AlexNetOptions) -> nn.
     model = nn.Sequential()
     model.add_module("features", nn.Sequential(*layers))
     model.add_module("avgpool", nn.AdaptiveAvgPool2d(_POOLED_SIDE))
-    model.add_module(
-        "classifier",
-        nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(channels * _POOLED_SIDE * _POOLED_SIDE, _HIDDEN), nn.ReLU(inplace=True),
-            nn.Dropout(options.dropout),
-            nn.Linear(_HIDDEN, _HIDDEN), nn.ReLU(inplace=True),
-            nn.Dropout(options.dropout),
-            nn.Linear(_HIDDEN, num_classes),
-        ),  # fmt: skip
-    )
-    # torchvision's VGG initialisation (its AlexNet keeps PyTorch defaults): He for the ReLU
-    # convolutions, small Gaussian for the linear layers, so lr 0.01 SGD starts moving at once.
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, 0, 0.01)
-            nn.init.zeros_(module.bias)
-    return model
+    features = channels * _POOLED_SIDE * _POOLED_SIDE
+    model.add_module("classifier", fc_classifier(features, num_classes, options.dropout, _HIDDEN))
+    # torchvision's AlexNet keeps PyTorch's defaults; VGG's scheme lets lr 0.01 SGD move at once.
+    return init_relu_cnn(model)
 
 
 ALEXNET = Architecture(

@@ -59,3 +59,30 @@ class Architecture(Generic[O]):
                 f"got {in_channels} and {num_classes}"
             )
         return self.builder(in_channels, num_classes, parse_model_options(self.name, self.options, options))
+
+
+def fc_classifier(in_features: int, num_classes: int, dropout: float, hidden: int = 4096) -> nn.Sequential:
+    """AlexNet's and VGG's head: flatten, two ReLU hidden layers of ``hidden`` units with dropout."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
+    )  # fmt: skip
+
+
+def init_relu_cnn(model: nn.Module) -> nn.Module:
+    """torchvision's VGG initialisation: He (fan-out) for ReLU convolutions, unit BatchNorm, and a
+    small Gaussian for linear layers so that the initial logits start near zero."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0, 0.01)
+            nn.init.zeros_(module.bias)
+    return model

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from cnnkit.models.base import Architecture
+from cnnkit.models.base import Architecture, fc_classifier, init_relu_cnn
 from cnnkit.protocols import Recipe
 
 __all__ = ["VGGOptions", "VGG11", "VGG16"]
@@ -59,30 +59,9 @@ def _vgg(variant: str, in_channels: int, num_classes: int, options: VGGOptions) 
         model.add_module(f"block{index}", _vgg_block(channels, out_channels, num_convs, options.batch_norm))
         channels = out_channels
     model.add_module("avgpool", nn.AdaptiveAvgPool2d(_POOLED_SIDE))
-    model.add_module(
-        "classifier",
-        nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(channels * _POOLED_SIDE * _POOLED_SIDE, _HIDDEN), nn.ReLU(inplace=True),
-            nn.Dropout(options.dropout),
-            nn.Linear(_HIDDEN, _HIDDEN), nn.ReLU(inplace=True),
-            nn.Dropout(options.dropout),
-            nn.Linear(_HIDDEN, num_classes),
-        ),  # fmt: skip
-    )
-    # As torchvision's VGG: He initialisation suits the ReLU convolutions; the small Gaussian on
-    # the huge linear layers keeps the initial logits near zero.
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, 0, 0.01)
-            nn.init.zeros_(module.bias)
-    return model
+    features = channels * _POOLED_SIDE * _POOLED_SIDE
+    model.add_module("classifier", fc_classifier(features, num_classes, options.dropout, _HIDDEN))
+    return init_relu_cnn(model)
 
 
 VGG11 = Architecture(
