@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
@@ -71,12 +71,12 @@ def fc_classifier(in_features: int, num_classes: int, dropout: float, hidden: in
     )  # fmt: skip
 
 
-def init_relu_cnn(model: nn.Module) -> nn.Module:
-    """torchvision's VGG initialisation: He (fan-out) for ReLU convolutions, unit BatchNorm, and a
+def init_relu_cnn(model: nn.Module, mode: Literal["fan_in", "fan_out"] = "fan_out") -> nn.Module:
+    """torchvision's VGG initialisation: He (``mode``) for ReLU convolutions, unit BatchNorm, and a
     small Gaussian for linear layers so that the initial logits start near zero."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.kaiming_normal_(module.weight, mode=mode, nonlinearity="relu")
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.BatchNorm2d):

@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from cnnkit.models.base import Architecture
+from cnnkit.models.base import Architecture, init_relu_cnn
 from cnnkit.protocols import Recipe
 
 __all__ = ["GoogLeNetOptions", "Inception", "GOOGLENET"]
@@ -98,14 +98,7 @@ def _googlenet(in_channels: int, num_classes: int, options: GoogLeNetOptions) ->
     # (torchvision's 0.01 Gaussian assumes its BN variant). Fan-in mode: in fan-out mode the
     # 1x1 reductions (e.g. 480 -> 16 channels) get weights far too large and activations grow
     # ~20x by b5; the classifier starts near zero.
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, 0, 0.01)
-            nn.init.zeros_(module.bias)
-    return model
+    return init_relu_cnn(model, mode="fan_in")
 
 
 GOOGLENET = Architecture(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from cnnkit.models.base import Architecture
+from cnnkit.models.base import Architecture, init_relu_cnn
 from cnnkit.protocols import Recipe
 
 __all__ = ["NiNOptions", "NIN"]
@@ -65,11 +65,7 @@ def _nin(in_channels: int, num_classes: int, options: NiNOptions) -> nn.Sequenti
     # fan-in mode: the last block's 384 -> num_classes 3x3 conv gets weights large enough that
     # few class channels start dead behind their ReLU (Fashion-MNIST, lr 0.05: loss 2.07 vs 2.30
     # after 150 steps).
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(module.bias)
-    return model
+    return init_relu_cnn(model, mode="fan_out")
 
 
 NIN = Architecture(
