@@ -15,6 +15,8 @@ app = typer.Typer(help="Fetch datasets and show where their files are.")
 
 
 class Format(str, Enum):
+    """How ``data info`` prints its report."""
+
     table = "table"
     json = "json"
 
@@ -24,7 +26,9 @@ DataOpt = Annotated[Path | None, typer.Option("--data", help="The dataset's fold
 
 @app.command("fetch")
 @guarded
-def fetch(name: Annotated[str, typer.Argument(help="Dataset to download (fashion-mnist).")], data: DataOpt = None) -> None:
+def fetch(
+    name: Annotated[str, typer.Argument(help="Dataset to download (fashion-mnist).")], data: DataOpt = None
+) -> None:
     """Download a dataset's files (Fashion-MNIST from torchvision's mirrors, MD5-checked)."""
     from cnnkit.data.fetch import fetch as fetch_files
 
@@ -38,7 +42,8 @@ def info(
     name: Annotated[str, typer.Argument(help="A registered dataset (cnnkit list datasets).")],
     data: DataOpt = None,
     dataset_option: Annotated[
-        list[str] | None, typer.Option("--dataset-option", "-d", help="Loading option key=value, e.g. -d split=pose-block.")
+        list[str] | None,
+        typer.Option("--dataset-option", "-d", help="Loading option key=value, e.g. -d split=pose-block."),
     ] = None,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="table or json.")] = Format.table,
 ) -> None:

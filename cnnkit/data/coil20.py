@@ -39,7 +39,8 @@ class Coil20Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     split: Literal["random", "pose-block", "alternate"] = Field(
-        "random", description="random (seeded 9:1 per object), pose-block (poses 60-71 held out), alternate (odd poses)."
+        "random",
+        description="random (seeded 9:1 per object), pose-block (poses 60-71 held out), alternate (odd poses).",
     )
     seed: int = Field(0, description="Seed of the random split.")
     test_fraction: float = Field(0.1, gt=0, lt=1, description="Share of each object's poses in test (random split).")
@@ -80,9 +81,11 @@ class Coil20:
     options = Coil20Options
 
     def locate(self, data: Path | None = None) -> Path:
+        """``data``, else ``$CNNKIT_DATA/coil20`` (or ``coil-20``, ``coil-20-proc``)."""
         return find_folder(self.name, data, ["coil20", "coil-20", "coil-20-proc", "COIL-20"], how_to_get=HOW_TO_GET)
 
     def load(self, data: Path | None = None, **options: Any) -> DatasetSplits:
+        """Both splits under ``split`` (random, pose-block, alternate); labels from file names."""
         opts = parse_model_options(self.name, Coil20Options, options, kind="dataset")
         folder = self.locate(data)
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))

@@ -55,6 +55,7 @@ class FashionMNIST:
     options = FashionMNISTOptions
 
     def locate(self, data: Path | None = None) -> Path:
+        """``data``, else ``$CNNKIT_DATA/fashion-mnist`` (or ``FashionMNIST/raw``), else Debian's folder."""
         folder = find_folder(
             self.name, data, ["fashion-mnist", "FashionMNIST/raw", "fashion_mnist"], [SYSTEM_FOLDER], HOW_TO_GET
         )
@@ -73,6 +74,7 @@ class FashionMNIST:
         return found
 
     def load(self, data: Path | None = None, **options: Any) -> DatasetSplits:
+        """Both splits from the IDX files (decoded once, then from the cache)."""
         parse_model_options(self.name, FashionMNISTOptions, options, kind="dataset")
         folder = self.locate(data)
         files = self.files(folder)

@@ -39,10 +39,13 @@ def _download(url: str, target: Path, md5: str, timeout: float) -> None:
 def fetch(name: str, data: Path | None = None, timeout: float = 30.0) -> Path:
     """Download dataset ``name`` into ``data`` (default ``$CNNKIT_DATA/<name>``); files already
     present with the right MD5 are kept. Returns the folder."""
+    from cnnkit.registry import DATASETS
+
+    DATASETS.get(name)  # an unknown name is a UsageError listing the close ones
     if name not in FETCHABLE:
         raise UsageError(
-            f"cnnkit cannot download '{name}'; put its files in a folder and pass --data PATH "
-            f"(fetchable: {', '.join(FETCHABLE)})"
+            f"cnnkit cannot download '{name}' (fetchable: {', '.join(FETCHABLE)}); put its files in "
+            f"{data_home() / name} or any folder and pass --data PATH"
         )
     folder = Path(data) if data is not None else data_home() / name
     folder.mkdir(parents=True, exist_ok=True)

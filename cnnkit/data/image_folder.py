@@ -33,9 +33,13 @@ class ImageFolderOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     channels: int | None = Field(None, description="1 (grayscale) or 3 (RGB); default: 1 if every image is grayscale.")
-    image_size: int | None = Field(None, gt=0, description="Side every image is resized to; default: the most common size.")
+    image_size: int | None = Field(
+        None, gt=0, description="Side every image is resized to; default: the most common size."
+    )
     seed: int = Field(0, description="Seed of the split when there are no train/ and test/ subfolders.")
-    test_fraction: float = Field(0.1, gt=0, lt=1, description="Share of each class held out when the split is not given.")
+    test_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of each class held out when the split is not given."
+    )
 
     @field_validator("channels")
     @classmethod
@@ -85,9 +89,11 @@ class ImageFolder:
     options = ImageFolderOptions
 
     def locate(self, data: Path | None = None) -> Path:
+        """``data`` (normally given with --data), else ``$CNNKIT_DATA/image-folder``."""
         return find_folder(self.name, data, ["image-folder"], how_to_get=HOW_TO_GET)
 
     def load(self, data: Path | None = None, **options: Any) -> DatasetSplits:
+        """Both splits: from train/ and test/ when present, else a seeded per-class split."""
         opts = parse_model_options(self.name, ImageFolderOptions, options, kind="dataset")
         root = self.locate(data)
         given = (root / "train").is_dir() and (root / "test").is_dir()

@@ -1,0 +1,136 @@
+"""BatchLoader: shapes, values, normalisation, reproducible shuffling and augmentation, drop_last."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cnnkit.data.batches import BatchLoader, resize_uint8
+from cnnkit.protocols import ImageTensors
+
+
+def make_split(n: int = 50, channels: int = 1, side: int = 12) -> ImageTensors:
+    """Images whose every pixel equals their index (so an image can be traced through a batch)."""
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, channels, side, side).contiguous()
+    images[:, :, 0, 0] = 255  # one bright corner, to see flips and crops move it
+    return ImageTensors(images, torch.arange(n) % 7)
+
+
+def collect(loader: BatchLoader, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = list(loader.epoch(epoch))
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def test_shapes_dtypes_and_value_range() -> None:
+    loader = BatchLoader(make_split(), batch_size=16, image_size=20)
+    batches = list(loader.epoch(0))
+    assert [b[0].shape[0] for b in batches] == [16, 16, 16, 2] and len(loader) == 4 and loader.num_examples == 50
+    images, labels = batches[0]
+    assert images.shape == (16, 1, 20, 20) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and labels.tolist() == [i % 7 for i in range(16)]
+    assert images.min() >= 0 and images.max() <= 1 and images.max() > 0.99
+
+
+def test_without_resizing_values_are_the_bytes_over_255() -> None:
+    split = make_split()
+    images, labels = collect(BatchLoader(split, batch_size=8, image_size=12))
+    assert torch.equal(images, split.images.float() / 255) and torch.equal(labels, split.labels)
+
+
+def test_resize_matches_bilinear_interpolation_within_a_grey_level() -> None:
+    split = ImageTensors(torch.randint(0, 256, (10, 3, 28, 28), dtype=torch.uint8), torch.zeros(10, dtype=torch.long))
+    for size in (14, 56):
+        images, _ = collect(BatchLoader(split, batch_size=4, image_size=size))
+        reference = F.interpolate(
+            split.images.float() / 255, size=(size, size), mode="bilinear", antialias=size < 28, align_corners=False
+        )
+        assert images.shape == (10, 3, size, size)
+        assert (images - reference.clamp(0, 1)).abs().max() <= 1.5 / 255
+
+
+def test_resized_copy_is_made_once_per_split_and_size() -> None:
+    split = make_split()
+    first = resize_uint8(split.images, 24)
+    assert first.dtype == torch.uint8 and first.shape == (50, 1, 24, 24)
+    assert resize_uint8(split.images, 24) is first and resize_uint8(split.images, 12) is split.images
+
+
+def test_normalisation_uses_mean_and_std() -> None:
+    split = make_split()
+    plain, _ = collect(BatchLoader(split, batch_size=10, image_size=12))
+    normalised, _ = collect(BatchLoader(split, batch_size=10, image_size=12, mean=[0.2], std=[0.5]))
+    assert torch.allclose(normalised, (plain - 0.2) / 0.5, atol=1e-6)
+    rgb = make_split(channels=3)
+    per_channel, _ = collect(BatchLoader(rgb, batch_size=10, image_size=12, mean=[0.1, 0.2, 0.3], std=[1, 2, 4]))
+    base = rgb.images.float() / 255
+    assert torch.allclose(per_channel[:, 2], (base[:, 2] - 0.3) / 4, atol=1e-6)
+
+
+def test_shuffle_is_reproducible_per_seed_and_epoch() -> None:
+    split = make_split()
+    a = BatchLoader(split, batch_size=8, image_size=12, shuffle=True, seed=1)
+    b = BatchLoader(split, batch_size=8, image_size=12, shuffle=True, seed=1)
+    c = BatchLoader(split, batch_size=8, image_size=12, shuffle=True, seed=2)
+    x0, y0 = collect(a, 0)
+    assert torch.equal(x0, collect(b, 0)[0]) and torch.equal(y0, collect(b, 0)[1])
+    order0 = (x0[:, 0, 5, 5] * 255).round().long()
+    assert sorted(order0.tolist()) == list(range(50))  # a permutation: every example once
+    assert order0.tolist() != list(range(50))
+    assert not torch.equal(order0, (collect(a, 1)[0][:, 0, 5, 5] * 255).round().long())  # epochs differ
+    assert not torch.equal(order0, (collect(c, 0)[0][:, 0, 5, 5] * 255).round().long())  # seeds differ
+    assert torch.equal(y0, split.labels[order0])  # labels follow their images
+
+
+def test_augmentation_changes_images_keeps_shape_and_is_reproducible() -> None:
+    split = make_split(n=64, side=16)
+    plain, _ = collect(BatchLoader(split, batch_size=16, image_size=16))
+    loader = BatchLoader(split, batch_size=16, image_size=16, augment=True, seed=5)
+    augmented, labels = collect(loader, 0)
+    assert augmented.shape == plain.shape and torch.equal(labels, split.labels)
+    changed = (augmented != plain).flatten(1).any(1)
+    assert changed.float().mean() > 0.5
+    assert torch.equal(augmented, collect(BatchLoader(split, batch_size=16, image_size=16, augment=True, seed=5), 0)[0])
+    assert not torch.equal(augmented, collect(loader, 1)[0])
+    # Crops keep the content (padding is zeros; everything else is the image's own value).
+    values = augmented * 255
+    own = split.images[:, 0, 5, 5].float().view(-1, 1, 1, 1)
+    assert torch.all((values.round() == own) | (values == 0) | (values.round() == 255))
+    # Some bright corners moved (crop) or went to the right side (flip).
+    corner = augmented[:, 0, 0, 0] == 1.0
+    assert not corner.all()
+
+
+def test_flip_mirrors_columns() -> None:
+    images = torch.zeros(200, 1, 8, 8, dtype=torch.uint8)
+    images[:, :, :, :4] = 200  # left half bright
+    split = ImageTensors(images, torch.zeros(200, dtype=torch.long))
+    out, _ = collect(BatchLoader(split, batch_size=50, image_size=8, augment=True, seed=0))
+    left, right = out[:, 0, 4, 1:3].mean(1), out[:, 0, 4, 5:7].mean(1)
+    flipped = (right > left).float().mean()
+    assert 0.3 < flipped < 0.7  # about half are mirrored
+
+
+def test_drop_last() -> None:
+    loader = BatchLoader(make_split(), batch_size=16, image_size=12, drop_last=True, shuffle=True)
+    sizes = [x.shape[0] for x, _ in loader.epoch(3)]
+    assert sizes == [16, 16, 16] and len(loader) == 3 and loader.num_examples == 48
+
+
+def test_channels_last_and_iteration() -> None:
+    loader = BatchLoader(make_split(channels=3), batch_size=10, image_size=12, channels_last=True)
+    images, _ = next(iter(loader))
+    assert images.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bad_batch_size() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        BatchLoader(make_split(), batch_size=0, image_size=12)
+
+
+def test_crops_and_flips_differ_within_a_batch() -> None:
+    image = torch.arange(64, dtype=torch.uint8).view(1, 1, 8, 8).repeat(64, 1, 1, 1)
+    split = ImageTensors(image, torch.zeros(64, dtype=torch.long))
+    loader = BatchLoader(split, batch_size=64, image_size=8, augment=True)
+    batch, _ = next(iter(loader.epoch(0)))
+    assert len({tuple(v.flatten().tolist()) for v in batch}) > 8  # drawn per example, not per batch
