@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from enum import Enum
+from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 
@@ -40,3 +41,13 @@ def guarded(command: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(exc.exit_code) from exc
 
     return wrapper
+
+
+class Format(str, Enum):
+    """How a command prints its result: a table for people, JSON for programs."""
+
+    table = "table"
+    json = "json"
+
+
+FormatOption = Annotated[Format, typer.Option("--format", "-f", help="table or json.")]

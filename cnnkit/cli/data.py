@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cnnkit.cli._common import guarded, parse_key_values
+from cnnkit.cli._common import Format, FormatOption, guarded, parse_key_values
 
 app = typer.Typer(help="Fetch datasets and show where their files are.")
 
-
-class Format(str, Enum):
-    """How ``data info`` prints its report."""
-
-    table = "table"
-    json = "json"
 
 
 DataOpt = Annotated[Path | None, typer.Option("--data", help="The dataset's folder (default: $CNNKIT_DATA/<name>).")]
@@ -45,7 +38,7 @@ def info(
         list[str] | None,
         typer.Option("--dataset-option", "-d", help="Loading option key=value, e.g. -d split=pose-block."),
     ] = None,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="table or json.")] = Format.table,
+    fmt: FormatOption = Format.table,
 ) -> None:
     """Classes, channels, native size, split sizes, statistics and where the files were found."""
     from cnnkit.data import load_dataset

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cnnkit.cli._common import guarded, parse_key_values
+from cnnkit.cli._common import Format, FormatOption, guarded, parse_key_values
 
 if TYPE_CHECKING:
     from cnnkit.evaluate import WeightsEvaluation
@@ -21,10 +21,6 @@ class Split(str, Enum):
     test = "test"
     train = "train"
 
-
-class Format(str, Enum):
-    table = "table"
-    json = "json"
 
 
 @app.command("eval")
@@ -42,7 +38,7 @@ def eval_command(
     split: Annotated[Split, typer.Option("--split", help="Which split to evaluate.")] = Split.test,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Examples per batch.")] = 256,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="table or json.")] = Format.table,
+    fmt: FormatOption = Format.table,
     plot: Annotated[bool, typer.Option("--plot", help="Also write the confusion matrix as a PNG heat map.")] = False,
     out: Annotated[
         Path | None,

@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
 from typing import Annotated, Any
 
 import typer
 
-from cnnkit.cli._common import guarded
+from cnnkit.cli._common import Format, FormatOption, guarded
 from cnnkit.registry import DATASETS, MODELS, TRAINERS, Registry
 
 app = typer.Typer(help="List registered models, datasets and trainers (built-in and from plugins).")
 
 
-class Format(str, Enum):
-    table = "table"
-    json = "json"
-
 
 Pattern = Annotated[str | None, typer.Argument(help="fnmatch pattern, e.g. 'res*' or '*bn'.")]
 Long = Annotated[bool, typer.Option("--long", "-l", help="Import each entry and show its details.")]
-FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="table or json.")]
 
 
 def _details(registry: Registry[Any], name: str) -> dict[str, Any]:
@@ -66,20 +60,20 @@ def _show(registry: Registry[Any], pattern: str | None, long: bool, fmt: Format)
 
 @app.command("models")
 @guarded
-def models(pattern: Pattern = None, long: Long = False, fmt: FormatOpt = Format.table) -> None:
+def models(pattern: Pattern = None, long: Long = False, fmt: FormatOption = Format.table) -> None:
     """Registered architectures (with --long: default input size and summary)."""
     _show(MODELS, pattern, long, fmt)
 
 
 @app.command("datasets")
 @guarded
-def datasets(pattern: Pattern = None, long: Long = False, fmt: FormatOpt = Format.table) -> None:
+def datasets(pattern: Pattern = None, long: Long = False, fmt: FormatOption = Format.table) -> None:
     """Registered datasets."""
     _show(DATASETS, pattern, long, fmt)
 
 
 @app.command("trainers")
 @guarded
-def trainers(pattern: Pattern = None, long: Long = False, fmt: FormatOpt = Format.table) -> None:
+def trainers(pattern: Pattern = None, long: Long = False, fmt: FormatOption = Format.table) -> None:
     """Registered trainers."""
     _show(TRAINERS, pattern, long, fmt)

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cnnkit.cli._common import guarded
+from cnnkit.cli._common import Format, FormatOption, guarded
 
 app = typer.Typer()
 
-
-class Format(str, Enum):
-    table = "table"
-    json = "json"
 
 
 @app.command("predict")
@@ -26,7 +21,7 @@ def predict_command(
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...).")],
     top: Annotated[int, typer.Option("--top", "-k", help="How many classes to show per image.")] = 3,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="table or json.")] = Format.table,
+    fmt: FormatOption = Format.table,
 ) -> None:
     """Classify images with trained weights: top-K classes and their probabilities."""
     from cnnkit.evaluate import predict_files

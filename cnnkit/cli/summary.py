@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
 from typing import Annotated
 
 import typer
 
-from cnnkit.cli._common import guarded, parse_key_values
+from cnnkit.cli._common import Format, FormatOption, guarded, parse_key_values
 
 app = typer.Typer()
 
-
-class Format(str, Enum):
-    table = "table"
-    json = "json"
 
 
 @app.command("summary")
@@ -36,7 +31,7 @@ def summary(
     depth: Annotated[
         int, typer.Option("--depth", "-d", help="1: top-level layers; 2, 3, ...: deeper; 0: every leaf.")
     ] = 1,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="table or json.")] = Format.table,
+    fmt: FormatOption = Format.table,
 ) -> None:
     """Show each layer's output shape, parameters and multiply-adds, then the totals.
 
