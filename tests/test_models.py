@@ -7,7 +7,6 @@ smallest input each model accepts.
 
 from __future__ import annotations
 
-import re
 from functools import cache
 from pathlib import Path
 from typing import Any

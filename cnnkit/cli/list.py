@@ -7,7 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
+from cnnkit._console import warn
 from cnnkit.cli._common import Format, FormatOption, guarded
+from cnnkit.errors import CnnkitError
 from cnnkit.registry import DATASETS, MODELS, TRAINERS, Registry
 
 app = typer.Typer(help="List registered models, datasets and trainers (built-in and from plugins).")
@@ -39,9 +41,7 @@ def _show(registry: Registry[Any], pattern: str | None, long: bool, fmt: Format)
             try:
                 row.update(_details(registry, name))
             except Exception as exc:  # a broken plugin is reported and listed, never fatal
-                from cnnkit._console import warn
-
-                warn(getattr(exc, "format_message", lambda: str(exc))())
+                warn(exc.format_message() if isinstance(exc, CnnkitError) else f"{name}: {exc}")
                 row["summary"] = "(failed to load)"
         rows.append(row)
     if fmt is Format.json:
