@@ -1,0 +1,88 @@
+"""Test accuracy per epoch of a model under a recipe, and the time it takes to reach a target.
+
+    python bench/accuracy.py lenet_bn --recipe default --epochs 10 --seeds 3 --target 0.89
+    python bench/accuracy.py lenet --recipe d2l
+
+Trains with cnnkit's own trainer (exactly what ``cnnkit train`` runs) into a temporary folder and
+prints one line per seed, then the median final accuracy and the median time to the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments, train each seed, print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="registered model, e.g. lenet_bn")
+    parser.add_argument("--recipe", default="default", choices=["default", "d2l"])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1; the median is reported")
+    parser.add_argument("--target", type=float, default=None, help="test accuracy to time (e.g. 0.89)")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--data", default=None, help="dataset folder (default: its search path / $CNNKIT_DATA)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other config key, e.g. --set lr=0.05 --set label_smoothing=0.1")  # fmt: skip
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from cnnkit.config import describe_config, resolve_config
+    from cnnkit.data import load_dataset
+    from cnnkit.training.run import build_model, typed_options
+    from cnnkit.training.trainer import StandardTrainer
+
+    extra = dict(pair.split("=", 1) for pair in args.set)
+    base = {"model": args.model, "recipe": args.recipe, "epochs": args.epochs, "dataset": args.dataset,
+            "device": args.device, "quiet": True, **extra}  # fmt: skip
+    if args.data:
+        base["data"] = args.data
+    config = typed_options(resolve_config(overrides=base))
+    print(describe_config(config), f"· torch {torch.__version__} · {torch.get_num_threads()} threads", flush=True)
+    data = load_dataset(config.dataset, config.data, **config.dataset_options)
+
+    finals: list[float] = []
+    to_target: list[float] = []
+    for seed in range(args.seeds):
+        with tempfile.TemporaryDirectory() as folder:
+            run_config = config.model_copy(update={"seed": seed, "out": str(Path(folder) / "run")})
+            started = time.perf_counter()
+            result = StandardTrainer().fit(build_model(run_config, data), data, run_config)
+            wall = time.perf_counter() - started
+        accs = [row["test_acc"] for row in result.history]
+        elapsed = 0.0
+        reached: float | None = None
+        for row in result.history:
+            # Training time plus the epoch's evaluation (wall per epoch is spread evenly).
+            elapsed += wall / len(result.history)
+            if args.target is not None and reached is None and row["test_acc"] >= args.target:
+                reached = elapsed
+        finals.append(accs[-1])
+        if reached is not None:
+            to_target.append(reached)
+        target = f"  target {args.target} at {reached:.0f}s" if reached is not None else ""
+        print(
+            f"seed {seed}: test acc per epoch {' '.join(f'{a:.4f}' for a in accs)}  final {accs[-1]:.4f}  "
+            f"best {result.best_acc:.4f}  {result.examples_per_s:.0f} ex/s  {wall:.0f}s{target}",
+            flush=True,
+        )
+    line = f"{args.model} {args.recipe}: median final test acc {statistics.median(finals):.4f} over {len(finals)} seed(s)"
+    if args.target is not None:
+        line += (
+            f"; median time to {args.target}: {statistics.median(to_target):.0f}s ({len(to_target)}/{len(finals)} reached)"
+            if to_target
+            else f"; {args.target} not reached"
+        )
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""``TrainConfig``: every knob of a training run in one validated pydantic model.
+
+A run's config is resolved in layers, each overriding the one before only where it says
+something:
+
+1. the model's recipe (``--recipe default`` or ``d2l``, see :mod:`cnnkit.training.recipes`),
+2. a TOML or JSON file (``--config run.toml``; a run's own ``config.json`` works too),
+3. the command-line options that were actually given.
+
+A bad key or value in any layer is one :class:`~cnnkit.errors.UsageError` line naming the key,
+where it came from and the valid keys. This module imports neither torch nor any model code.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cnnkit.errors import UsageError, closest
+
+__all__ = [
+    "TrainConfig",
+    "RECIPE_KEYS",
+    "RESUMABLE_KEYS",
+    "read_config_file",
+    "resolve_config",
+    "describe_config",
+]
+
+
+class TrainConfig(BaseModel):
+    """A fully resolved training run (what ``config.json`` records)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # -- what to train on what ---------------------------------------------------------------
+    model: str = Field(description="Registered model name ('cnnkit list models').")
+    model_options: dict[str, Any] = Field(
+        default_factory=dict, description="Architecture options (-o key=value), e.g. {width = 0.25}."
+    )
+    dataset: str = Field("fashion-mnist", description="Registered dataset name ('cnnkit list datasets').")
+    data: str | None = Field(None, description="Folder holding the dataset's files (default: its search path).")
+    dataset_options: dict[str, Any] = Field(
+        default_factory=dict, description="Dataset loading options (-d key=value), e.g. {split = 'pose-block'}."
+    )
+    trainer: str = Field("standard", description="Registered trainer that runs the loop.")
+
+    # -- the recipe: filled from the model's recipe, then the file, then the command line -----
+    recipe: Literal["default", "d2l"] = Field(
+        "default", description="Hyperparameter set: cnnkit's tuned 'default' or the seed's 'd2l'."
+    )
+    epochs: int = Field(10, gt=0, description="Passes over the training split (default: from the recipe).")
+    batch_size: int = Field(128, gt=0, description="Examples per step (default: from the recipe).")
+    lr: float = Field(0.1, gt=0, description="Peak learning rate (default: from the recipe).")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd or adamw (default: from the recipe).")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum; AdamW's beta1 stays 0.9.")
+    nesterov: bool = Field(False, description="Nesterov momentum for SGD (needs momentum > 0).")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled for AdamW, L2 for SGD; not on norms/biases.")
+    schedule: Literal["constant", "cosine", "onecycle"] = Field(
+        "constant", description="Learning-rate schedule over the whole run, stepped every batch."
+    )
+    warmup: float = Field(0.0, ge=0, description="Epochs of linear warm-up from 0 to lr (onecycle: from lr/25).")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the training loss.")
+    augment: bool = Field(False, description="Random crop with padding and horizontal flip of training batches.")
+    normalize: bool = Field(False, description="Standardise inputs with the dataset's mean/std (else only 0..1).")
+    init: Literal["xavier", "default"] = Field(
+        "default", description="xavier: d2l's Xavier-uniform conv/linear weights; default: the model's own."
+    )
+    input_size: int = Field(28, gt=0, description="Square side images are resized to (default: from the recipe).")
+
+    # -- reproducibility and hardware ---------------------------------------------------------
+    seed: int = Field(0, ge=0, description="Seeds weights, shuffling, augmentation and dropout.")
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms: bit-identical reruns.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    amp: bool | None = Field(None, description="Mixed precision (bf16, else fp16 + GradScaler); None: on for CUDA.")
+    channels_last: bool | None = Field(None, description="channels_last memory format; None: on for CUDA.")
+    compile: bool = Field(False, description="torch.compile the model before training.")
+
+    # -- the run directory and what hangs off the loop ------------------------------------------
+    patience: int | None = Field(
+        None, gt=0, description="Stop after this many epochs without a better test accuracy (None: never)."
+    )
+    out: str | None = Field(None, description="Run directory (default: <runs_dir>/<model>-<dataset>/<N>).")
+    runs_dir: str = Field("runs", description="Parent folder of numbered run directories.")
+    tensorboard: bool = Field(False, description="Also log to TensorBoard (pip install 'cnnkit[tensorboard]').")
+    quiet: bool = Field(False, description="No progress output, only the closing lines and errors.")
+
+
+RECIPE_KEYS: tuple[str, ...] = (
+    "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov", "weight_decay", "schedule",
+    "warmup", "label_smoothing", "augment", "normalize", "init", "input_size",
+)  # fmt: skip
+"""The keys a recipe fills (everything a file or the command line may still override)."""
+
+RESUMABLE_KEYS: tuple[str, ...] = ("epochs", "device", "quiet", "tensorboard", "patience", "compile")
+"""What ``--resume`` may change: nothing that would make the continued run differ from the saved one."""
+
+
+def _valid_keys() -> str:
+    return ", ".join(TrainConfig.model_fields)
+
+
+def _problem(err: Mapping[str, Any], source: str) -> str:
+    """One readable clause for one pydantic error, naming the key and where it came from."""
+    key = ".".join(str(p) for p in err["loc"]) or "config"
+    if err["type"] == "extra_forbidden":
+        hint = closest(key, TrainConfig.model_fields)
+        did_you_mean = f" (did you mean {', '.join(hint)}?)" if hint else ""
+        return f"{source}: unknown key '{key}'{did_you_mean}; valid keys: {_valid_keys()}"
+    if err["type"] == "missing":
+        return f"{source}: '{key}' is required (name a model: cnnkit train MODEL, or model = '...' in the file)"
+    return f"{source}: {key} = {err.get('input')!r}: {err['msg']}"
+
+
+def _validate(values: Mapping[str, Any], source: str) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(dict(values))
+    except ValidationError as exc:
+        raise UsageError(_problem(exc.errors()[0], source)) from exc
+
+
+def _check_keys(values: Mapping[str, Any], source: str) -> None:
+    """Unknown keys are reported before anything else (a typo must not read as a missing model)."""
+    for key in values:
+        if key not in TrainConfig.model_fields:
+            raise UsageError(_problem({"loc": (key,), "type": "extra_forbidden"}, source))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The keys of a ``.toml`` or ``.json`` config file; a run's ``config.json`` yields its ``config``."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--config {file} does not exist; pass a .toml or .json file")
+    try:
+        text = file.read_text(encoding="utf-8")
+        if file.suffix.lower() == ".json":
+            values = json.loads(text)
+        elif file.suffix.lower() == ".toml":
+            values = tomllib.loads(text)
+        else:
+            raise UsageError(f"--config {file}: unknown format '{file.suffix}'; use a .toml or .json file")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"--config {file} is not valid {file.suffix[1:].upper()} ({first}); fix the file") from exc
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {file} must hold a table of key = value pairs")
+    # A run directory's config.json wraps the config with the environment it ran in.
+    if isinstance(values.get("config"), dict) and "environment" in values:
+        values = dict(values["config"])
+        values.pop("out", None)  # reusing a run's config starts a new run, never overwrites it
+    _check_keys(values, str(file))
+    return values
+
+
+def resolve_config(
+    file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """recipe < file < overrides: the config a run uses.
+
+    ``overrides`` holds only what was given on the command line (no Nones); ``model_options`` and
+    ``dataset_options`` given there are merged key by key into the file's.
+    """
+    from cnnkit.training.recipes import recipe_values
+
+    given = dict(overrides or {})
+    _check_keys(given, "command line")
+    layered = read_config_file(file) if file is not None else {}
+    source = str(file) if file is not None else "command line"
+    for key in ("model_options", "dataset_options"):
+        if key in given and key in layered:
+            if not isinstance(layered[key], dict):
+                raise UsageError(f"{source}: {key} must be a table of key = value pairs")
+            given[key] = {**layered[key], **given[key]}
+    merged = {**layered, **given}
+
+    model = merged.get("model")
+    if not model:
+        raise UsageError("no model given; name one (cnnkit train MODEL) or set model = '...' in --config")
+    recipe = merged.get("recipe", "default")
+    if recipe not in ("default", "d2l"):
+        where = "command line" if "recipe" in given else source
+        raise UsageError(f"{where}: recipe = {recipe!r} is not a recipe; use default or d2l")
+    base = recipe_values(str(model), recipe)
+    # Validate the file alone first so that its errors name the file, then the whole.
+    if layered:
+        _validate({**base, "model": model, **layered}, source)
+    return _validate({**base, **merged}, "command line")
+
+
+def describe_config(config: TrainConfig) -> str:
+    """One compact line of the hyperparameters that shape the run."""
+    c = config
+    opt = f"{c.optimizer} lr {c.lr:g}"
+    if c.optimizer == "sgd" and c.momentum:
+        opt += f" {'nesterov ' if c.nesterov else ''}momentum {c.momentum:g}"
+    if c.weight_decay:
+        opt += f" wd {c.weight_decay:g}"
+    sched = c.schedule + (f" warmup {c.warmup:g}" if c.warmup else "")
+    extras = [f"ls {c.label_smoothing:g}"] if c.label_smoothing else []
+    extras += [name for name, on in (("augment", c.augment), ("normalize", c.normalize)) if on]
+    extras += ["xavier init"] if c.init == "xavier" else []
+    options = "".join(f" {k}={v}" for k, v in {**c.model_options, **c.dataset_options}.items())
+    return (
+        f"{c.model}{options} on {c.dataset} · recipe {c.recipe}: {c.epochs} epochs · batch {c.batch_size} · "
+        f"{opt} · {sched} · {' · '.join(extras) + ' · ' if extras else ''}{c.input_size} px · seed {c.seed}"
+        + (" · deterministic" if c.deterministic else "")
+    )

@@ -1,0 +1,117 @@
+"""TrainConfig: recipe < file < command line, and one-line errors for bad keys and values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cnnkit.cli.app import app
+from cnnkit.config import RECIPE_KEYS, TrainConfig, describe_config, read_config_file, resolve_config
+from cnnkit.errors import UsageError
+from cnnkit.training.recipes import DEFAULTS, recipe_values
+
+
+def test_every_field_is_documented() -> None:
+    missing = [name for name, field in TrainConfig.model_fields.items() if not field.description]
+    assert missing == []
+
+
+def test_d2l_recipe_is_the_seeds() -> None:
+    config = resolve_config(overrides={"model": "lenet", "recipe": "d2l"})
+    assert (config.optimizer, config.momentum, config.schedule, config.weight_decay) == ("sgd", 0.0, "constant", 0.0)
+    assert (config.augment, config.normalize, config.init, config.label_smoothing) == (False, False, "xavier", 0.0)
+    from cnnkit.registry import MODELS
+
+    seed = MODELS.get("lenet").recipe
+    assert (config.lr, config.batch_size, config.input_size, config.epochs) == (
+        seed.lr, seed.batch_size, seed.input_size, 10,
+    )  # fmt: skip
+
+
+def test_default_recipe_differs_from_d2l_for_every_builtin() -> None:
+    for model in DEFAULTS:
+        default, d2l = recipe_values(model, "default"), recipe_values(model, "d2l")
+        assert set(RECIPE_KEYS) <= set(default) and set(RECIPE_KEYS) <= set(d2l)
+        assert default["normalize"] and not d2l["normalize"]
+
+
+def test_precedence_recipe_then_file_then_command_line(tmp_path: Path) -> None:
+    file = tmp_path / "run.toml"
+    file.write_text(
+        'model = "vgg11"\nlr = 0.05\nepochs = 3\nschedule = "cosine"\n[model_options]\nwidth = 0.25\ndropout = 0.3\n'
+    )
+    config = resolve_config(file, {"epochs": 7, "model_options": {"dropout": "0.1"}})
+    recipe = recipe_values("vgg11")
+    assert config.model == "vgg11"
+    assert config.lr == 0.05 and config.schedule == "cosine"  # from the file, over the recipe
+    assert config.epochs == 7  # the command line over the file
+    assert config.batch_size == recipe["batch_size"] and config.input_size == recipe["input_size"]  # recipe
+    assert config.model_options == {"width": 0.25, "dropout": "0.1"}  # merged key by key
+
+
+def test_command_line_recipe_applies_under_the_file(tmp_path: Path) -> None:
+    file = tmp_path / "run.json"
+    file.write_text(json.dumps({"model": "lenet_bn", "lr": 0.3}))
+    config = resolve_config(file, {"recipe": "d2l"})
+    assert config.recipe == "d2l" and config.lr == 0.3 and config.optimizer == "sgd" and config.momentum == 0
+
+
+def test_a_runs_config_json_is_a_valid_config_file(tmp_path: Path) -> None:
+    config = resolve_config(overrides={"model": "lenet", "epochs": 2, "out": "somewhere"})
+    record = {"config": config.model_dump(mode="json"), "environment": {"torch": "x"}}
+    file = tmp_path / "config.json"
+    file.write_text(json.dumps(record))
+    values = read_config_file(file)
+    assert values["epochs"] == 2 and "out" not in values  # reusing a run's config never overwrites it
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("model = 'lenet'\nbatchsize = 64\n", ["unknown key 'batchsize'", "did you mean batch_size", "valid keys:", "batch_size"]),
+        ("model = 'lenet'\nlr = -1\n", ["lr = -1", "greater than 0"]),
+        ("model = 'lenet'\noptimizer = 'adam'\n", ["optimizer = 'adam'", "sgd", "adamw"]),
+        ("model = 'lenet'\nrecipe = 'fast'\n", ["recipe = 'fast'", "default or d2l"]),
+        ("model = 'lenet'\nepochs = \n", ["not valid TOML"]),
+    ],
+)
+def test_bad_file_is_one_line_naming_the_file_and_key(tmp_path: Path, text: str, expected: list[str]) -> None:
+    file = tmp_path / "run.toml"
+    file.write_text(text)
+    with pytest.raises(UsageError) as caught:
+        resolve_config(file, {})
+    message = caught.value.format_message()
+    assert "\n" not in message and str(file) in message
+    for part in expected:
+        assert part in message
+
+
+def test_bad_command_line_value_and_missing_model() -> None:
+    with pytest.raises(UsageError, match="batch_size = 0"):
+        resolve_config(overrides={"model": "lenet", "batch_size": 0})
+    with pytest.raises(UsageError, match="no model given"):
+        resolve_config(overrides={"epochs": 2})
+    with pytest.raises(UsageError, match="unknown model 'lenett'"):
+        resolve_config(overrides={"model": "lenett"})
+
+
+def test_describe_config_is_one_line() -> None:
+    line = describe_config(resolve_config(overrides={"model": "lenet_bn"}))
+    assert "\n" not in line and "lenet_bn" in line and "recipe default" in line and "onecycle" in line
+
+
+def test_cli_bad_config_key_exits_2_with_one_line(runner, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    file = tmp_path / "run.toml"
+    file.write_text("model = 'lenet'\nepoch = 3\n")
+    result = runner.invoke(app, ["train", "--config", str(file)])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "unknown key 'epoch'" in lines[0] and "did you mean epochs" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_cli_bad_option_value_exits_2(runner) -> None:  # type: ignore[no-untyped-def]
+    result = runner.invoke(app, ["train", "lenet", "--label-smoothing", "1.5"])
+    assert result.exit_code == 2 and "label_smoothing = 1.5" in result.output

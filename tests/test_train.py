@@ -1,0 +1,198 @@
+"""The standard trainer in process, on tiny generated data: learning, files, determinism, resume, failures."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cnnkit.checkpoint import load_weights
+from cnnkit.config import TrainConfig, resolve_config
+from cnnkit.errors import DivergedError, InterruptedRun, UsageError
+from cnnkit.protocols import DatasetSplits, ImageTensors
+from cnnkit.training.events import METRIC_COLUMNS, Events
+from cnnkit.training.run import build_model
+from cnnkit.training.trainer import Run, StandardTrainer
+
+TIMING = {"examples_per_s", "epoch_seconds"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from more threads, and on a busy machine OpenMP spinning costs a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def quadrants(n: int, seed: int, size: int = 16, classes: int = 4) -> ImageTensors:
+    """Noisy images whose class is the quadrant that is bright: learnable in a few steps."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    images = torch.rand(n, 1, size, size, generator=generator) * 90
+    half = size // 2
+    for c in range(classes):
+        row, col = divmod(c, 2)
+        images[labels == c, :, row * half : (row + 1) * half, col * half : (col + 1) * half] += 140
+    return ImageTensors(images.clamp(0, 255).to(torch.uint8), labels)
+
+
+def tiny_splits(train: int = 192, test: int = 64) -> DatasetSplits:
+    return DatasetSplits(
+        "tiny", quadrants(train, 0), quadrants(test, 1), ("nw", "ne", "sw", "se"), Path("."), (0.45,), (0.3,),
+        split_files={"train": [f"nw/{i}.png" for i in range(train)], "test": [f"se/{i}.png" for i in range(test)]},
+    )
+
+
+def tiny_config(tmp_path: Path, name: str = "run", **overrides: Any) -> TrainConfig:
+    values = {"model": "lenet_bn", "input_size": 16, "epochs": 3, "batch_size": 32, "out": str(tmp_path / name),
+              "quiet": True, "device": "cpu", **overrides}  # fmt: skip
+    return resolve_config(overrides=values)
+
+
+def fit(config: TrainConfig, trainer: StandardTrainer | None = None, resume: bool = False) -> Any:
+    data = tiny_splits()
+    model = build_model(config, data)
+    return (trainer or StandardTrainer()).fit(model, data, config, resume=resume)
+
+
+def without_timing(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
+
+
+def test_loss_falls_and_accuracy_rises_on_learnable_data(tmp_path: Path) -> None:
+    result = fit(tiny_config(tmp_path, epochs=4))
+    first, last = result.history[0], result.history[-1]
+    assert last["train_loss"] < 0.5 * first["train_loss"]
+    assert last["train_acc"] > first["train_acc"]
+    assert last["test_acc"] >= 0.95  # chance is 0.25
+
+
+def test_d2l_recipe_also_learns(tmp_path: Path) -> None:
+    result = fit(tiny_config(tmp_path, recipe="d2l", epochs=4, lr=0.5))
+    assert result.history[-1]["test_acc"] >= 0.9
+
+
+def test_run_directory_holds_every_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tiny_config(tmp_path, quiet=False)
+    result = fit(config)
+    folder = Path(config.out or "")
+    assert result.run_dir == folder
+
+    with open(folder / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(set(r) == set(METRIC_COLUMNS) and all(r[k] != "" for k in METRIC_COLUMNS) for r in rows)
+    assert float(rows[-1]["test_acc"]) == pytest.approx(result.history[-1]["test_acc"], abs=1e-5)
+
+    assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((folder / "config.json").read_text())
+    assert record["config"]["model"] == "lenet_bn" and record["config"]["epochs"] == 3
+    assert record["environment"]["torch"] == torch.__version__ and record["environment"]["device"] == "cpu"
+    assert len((folder / "log.txt").read_text().splitlines()) >= 5
+    assert (folder / "split_train.txt").read_text().splitlines()[:2] == ["nw/0.png", "nw/1.png"]
+    assert len((folder / "split_test.txt").read_text().splitlines()) == 64
+
+    model, meta = load_weights(folder / "best.safetensors")
+    assert meta.epoch == result.best_epoch and meta.metrics["test_acc"] == pytest.approx(result.best_acc)
+    assert meta.mean == [0.45] and meta.input_size == 16 and meta.classes == ["nw", "ne", "sw", "se"]
+    _, last = load_weights(folder / "last.safetensors")
+    assert last.epoch == 3
+
+    out = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("epoch ") for line in out) == 3  # plain lines: stdout is not a terminal
+    last_row = result.history[-1]
+    d2l_line = f"loss {last_row['train_loss']:.3f}, train acc {last_row['train_acc']:.3f}, test acc {last_row['test_acc']:.3f}"
+    assert d2l_line in out
+    assert out[out.index(d2l_line) + 1].endswith("examples/sec on cpu")
+
+
+def test_quiet_prints_only_the_closing_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fit(tiny_config(tmp_path, epochs=1))
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and out[0].startswith("loss ") and out[1].endswith("examples/sec on cpu")
+
+
+def test_two_deterministic_runs_are_identical(tmp_path: Path) -> None:
+    # Dropout (vgg's classifier would need more time) is covered by the seeded global generator;
+    # here AdamW, augmentation and BatchNorm all take part.
+    options = {"deterministic": True, "augment": True, "optimizer": "adamw", "lr": 0.01}
+    first = fit(tiny_config(tmp_path, "a", **options))
+    second = fit(tiny_config(tmp_path, "b", **options))
+    assert without_timing(first.history) == without_timing(second.history)
+    a, b = load_file(tmp_path / "a" / "last.safetensors"), load_file(tmp_path / "b" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
+
+
+def test_resume_from_an_epoch_boundary_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    options = {"deterministic": True, "epochs": 4, "schedule": "cosine", "warmup": 1.0}
+    whole = fit(tiny_config(tmp_path, "whole", **options))
+
+    def stop_after_two(run: Run) -> None:
+        if run.epoch == 2:
+            raise KeyboardInterrupt
+
+    interrupted = StandardTrainer()
+    interrupted.add_event_handler(Events.EPOCH_COMPLETED, stop_after_two)
+    config = tiny_config(tmp_path, "split", **options)
+    with pytest.raises(InterruptedRun, match="--resume"):
+        fit(config, interrupted)
+    load_weights(tmp_path / "split" / "last.safetensors")  # what Ctrl-C saved loads
+
+    resumed = fit(config, resume=True)
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3, 4]
+    assert without_timing(resumed.history) == without_timing(whole.history)
+    a, b = load_file(tmp_path / "whole" / "last.safetensors"), load_file(tmp_path / "split" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = (tmp_path / "split" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 5  # header + all four epochs, across the interruption
+
+
+def test_resume_needs_more_epochs(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, epochs=1)
+    fit(config)
+    with pytest.raises(UsageError, match="--epochs N with N > 1"):
+        fit(config, resume=True)
+    extended = fit(config.model_copy(update={"epochs": 2}), resume=True)
+    assert [row["epoch"] for row in extended.history] == [1, 2]
+
+
+def test_non_finite_loss_stops_with_diverged_and_keeps_best(tmp_path: Path) -> None:
+    def poison(run: Run) -> None:
+        # After epoch 1 (best saved), make every later forward pass produce NaN.
+        if run.epoch == 1:
+            with torch.no_grad():
+                next(run.model.parameters()).fill_(float("nan"))
+
+    trainer = StandardTrainer()
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, poison)
+    config = tiny_config(tmp_path)
+    best = Path(config.out or "") / "best.safetensors"
+    with pytest.raises(DivergedError) as caught:
+        fit(config, trainer)
+    message = caught.value.format_message()
+    assert "epoch 2, step 1" in message and "lr " in message and "\n" not in message
+    _, meta = load_weights(best)
+    assert meta.epoch == 1 and meta.metrics["test_acc"] > 0
+    assert "error: loss became nan" in (Path(config.out or "") / "log.txt").read_text()
+
+
+def test_huge_learning_rate_diverges(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, model="lenet", recipe="d2l", lr=1e38)
+    with pytest.raises(DivergedError, match="epoch 1, step"):
+        fit(config)
+    assert not (Path(config.out or "") / "best.safetensors").exists()
+
+
+def test_patience_stops_early(tmp_path: Path) -> None:
+    result = fit(tiny_config(tmp_path, epochs=30, patience=2))
+    assert result.stopped_early
+    assert len(result.history) == result.best_epoch + 2 < 30

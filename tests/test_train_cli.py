@@ -1,0 +1,190 @@
+"""``cnnkit train`` end to end: in process on a tiny Fashion-MNIST-format folder, and in subprocesses
+for Ctrl-C (SIGINT) and kills (SIGKILL) at random moments."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnkit.checkpoint import load_weights
+from cnnkit.cli.app import app
+from cnnkit.training.state import STATE_NAME, load_state
+
+CLASSES = 10
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from more threads, and on a busy machine OpenMP spinning costs a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_idx_folder(folder: Path, train: int = 320, test: int = 80, seed: int = 0) -> Path:
+    """A Fashion-MNIST-format folder (gzipped IDX) whose class is a bright band's position."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    for prefix, n in (("train", train), ("t10k", test)):
+        labels = torch.arange(n) % CLASSES
+        images = torch.rand(n, 28, 28, generator=generator) * 80
+        for c in range(CLASSES):
+            images[labels == c, 2 * c + 3 : 2 * c + 7, :] += 150  # a horizontal band per class
+        pixels = images.clamp(0, 255).to(torch.uint8).numpy().tobytes()
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as handle:
+            handle.write(struct.pack(">IIII", 2051, n, 28, 28) + pixels)
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as handle:
+            handle.write(struct.pack(">II", 2049, n) + labels.to(torch.uint8).numpy().tobytes())
+    return folder
+
+
+@pytest.fixture
+def idx_data(tmp_path: Path) -> Path:
+    return write_idx_folder(tmp_path / "fmnist")
+
+
+def tiny_args(data: Path, *extra: str) -> list[str]:
+    return ["train", "lenet_bn", "--data", str(data), "--input-size", "16", "--batch-size", "32", "--device", "cpu",
+            *extra]  # fmt: skip
+
+
+def test_train_numbers_runs_and_eval_reads_the_weights(runner, idx_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, tiny_args(idx_data, "--epochs", "2", "--runs-dir", str(runs)))
+    assert result.exit_code == 0, result.output
+    run = runs / "lenet_bn-fashion-mnist" / "1"
+    lines = result.output.splitlines()
+    assert "recipe default" in lines[0]  # the resolved config, compactly
+    assert sum(line.startswith("epoch ") for line in lines) == 2
+    assert any(line.startswith("loss ") and ", test acc " in line for line in lines)
+    assert any(line.endswith("examples/sec on cpu") for line in lines)
+    assert str(run) in lines[-1] and "best.safetensors" in lines[-1]
+    for name in ("config.json", "metrics.csv", "curves.png", "log.txt", "best.safetensors", "last.safetensors"):
+        assert (run / name).is_file(), name
+
+    again = runner.invoke(app, tiny_args(idx_data, "--epochs", "1", "--runs-dir", str(runs), "-q"))
+    assert again.exit_code == 0 and (runs / "lenet_bn-fashion-mnist" / "2").is_dir()
+
+    evaluated = runner.invoke(app, ["eval", str(run), "--data", str(idx_data), "--format", "json", "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(evaluated.output[: evaluated.output.rindex("}") + 1])
+    _, meta = load_weights(run / "best.safetensors")
+    assert report["top1"] == pytest.approx(meta.metrics["test_acc"], abs=1e-6)
+
+
+def test_resume_extends_a_run(runner, idx_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "run"
+    assert runner.invoke(app, tiny_args(idx_data, "--epochs", "1", "--out", str(out), "-q")).exit_code == 0
+    refused = runner.invoke(app, ["train", "--resume", str(out), "--lr", "0.5"])
+    assert refused.exit_code == 2 and "lr cannot change" in refused.output
+    taken = runner.invoke(app, tiny_args(idx_data, "--epochs", "1", "--out", str(out)))
+    assert taken.exit_code == 2 and "--resume" in taken.output
+    resumed = runner.invoke(app, ["train", "--resume", str(out), "--epochs", "2", "--data", str(idx_data)])
+    assert resumed.exit_code == 2 and "data cannot change" in resumed.output
+    resumed = runner.invoke(app, ["train", "--resume", str(out), "--epochs", "2"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming" in resumed.output and "epoch 2/2" in resumed.output
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3
+
+
+def test_missing_cuda_exits_2_listing_devices(runner, idx_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, [*tiny_args(idx_data, "--runs-dir", str(runs)), "--device", "cuda"])
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and "available: cpu" in result.output
+    assert not runs.exists()  # no empty run directory left behind
+
+
+def test_huge_lr_exits_5(runner, idx_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "run"
+    args = ["train", "lenet", "--recipe", "d2l", "--lr", "1e38", "--data", str(idx_data), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--device", "cpu", "-q"])
+    assert result.exit_code == 5
+    assert "loss became" in result.output and "epoch 1, step" in result.output and "Traceback" not in result.output
+    assert not (out / "best.safetensors").exists()
+
+
+def test_tensorboard_without_the_package_is_one_line(runner, idx_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("tensorboard is installed")
+    result = runner.invoke(app, tiny_args(idx_data, "--out", str(tmp_path / "run"), "--tensorboard"))
+    assert result.exit_code == 2 and "pip install 'cnnkit[tensorboard]'" in result.output
+
+
+def _start(args: list[str]) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cnnkit", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def _wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"training exited early: {process.communicate()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} never appeared")
+        time.sleep(0.05)
+
+
+def test_ctrl_c_saves_last_and_exits_130(idx_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    process = _start(tiny_args(idx_data, "--epochs", "1000", "--out", str(out), "-q"))
+    _wait_for(out / "metrics.csv", process)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().count("\n") == 0 and f"cnnkit train --resume {out}" in stderr
+    assert "Traceback" not in stderr
+    model, meta = load_weights(out / "last.safetensors")
+    saved = load_state(out / STATE_NAME)
+    assert saved.epoch >= 1 and len(saved.history) == saved.epoch
+    assert f"end of epoch {saved.epoch}" in stderr
+
+
+def test_sigkill_at_random_moments_leaves_loadable_checkpoints(idx_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    chance = random.Random(1234)
+    args = tiny_args(idx_data, "--epochs", "1000", "--out", str(out), "-q")
+    for round_ in range(4):
+        process = _start(args if round_ == 0 else ["train", "--resume", str(out), "-q"])
+        _wait_for(out / "last.safetensors", process)
+        time.sleep(chance.uniform(0.0, 1.5))  # each epoch here saves last, state, csv and curves
+        process.kill()
+        process.wait(timeout=30)
+        model, meta = load_weights(out / "last.safetensors")
+        assert meta.metrics and meta.epoch is not None and meta.epoch >= 1
+        saved = load_state(out / STATE_NAME)
+        assert len(saved.history) == saved.epoch
+
+
+@pytest.mark.realdata
+def test_lenet_bn_one_epoch_on_real_fashion_mnist(runner, real_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "run"
+    args = ["train", "lenet_bn", "--data", str(real_data / "fashion-mnist"), "--epochs", "1", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    _, meta = load_weights(out / "best.safetensors")
+    assert meta.metrics["test_acc"] >= 0.80
