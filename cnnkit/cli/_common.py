@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from enum import Enum
 from typing import Annotated, ParamSpec, TypeVar
@@ -39,6 +40,10 @@ def guarded(command: Callable[P, R]) -> Callable[P, R]:
         except CnnkitError as exc:
             exc.show()
             raise typer.Exit(exc.exit_code) from exc
+        except KeyboardInterrupt:
+            # Outside training (which saves first and raises InterruptedRun) nothing is half-done.
+            print("cnnkit: interrupted", file=sys.stderr, flush=True)
+            raise typer.Exit(130) from None
 
     return wrapper
 

@@ -30,15 +30,9 @@ def typed_options(config: TrainConfig) -> TrainConfig:
     model_schema = MODELS.get(config.model).options
     model_options = parse_model_options(config.model, model_schema, config.model_options).model_dump()
     dataset_schema = DATASETS.get(config.dataset).options
-    try:
-        dataset_options = dataset_schema(**config.dataset_options).model_dump()
-    except Exception as exc:  # pydantic's ValidationError, reported like the model's
-        valid = ", ".join(dataset_schema.model_fields) or "none"
-        first = getattr(exc, "errors", lambda: [{"loc": (), "msg": str(exc)}])()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "options"
-        raise UsageError(
-            f"bad option for dataset '{config.dataset}': {key}: {first['msg']}. Options it takes: {valid}"
-        ) from exc
+    dataset_options = parse_model_options(
+        config.dataset, dataset_schema, config.dataset_options, kind="dataset"
+    ).model_dump()
     return config.model_copy(
         update={
             # Keep only what was given, so config.json shows choices, not every default.
