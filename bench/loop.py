@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import sys
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats + 1):  # repeat 0 warms caches and allocators up; not counted
             run_config = config.model_copy(update={"out": str(Path(folder) / f"run{repeat}")})
             started = time.perf_counter()
-            result = StandardTrainer().fit(build_model(run_config, data), data, run_config)
+            with contextlib.redirect_stdout(io.StringIO()):  # its closing lines, once per repeat
+                result = StandardTrainer().fit(build_model(run_config, data), data, run_config)
             wall = time.perf_counter() - started
 
             model = build_model(config, data).to(
