@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.cnnkit-installed
 # Real data: Debian's dataset-fashion-mnist package, else ../shared/datasets beside a checkout.
 export CNNKIT_DATA ?= $(firstword $(wildcard ../shared/datasets) $(HOME)/.cache/cnnkit/datasets)
 
-.PHONY: demo test bench lint clean install
+.PHONY: demo test bench docs clean install
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/loop.py
+
+# The CLI reference is generated from the commands' own help.
+docs: $(STAMP)
+	$(BIN)/python -m typer cnnkit.cli.app utils docs --name cnnkit --title "cnnkit command-line reference" --output docs/cli.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
