@@ -82,7 +82,8 @@ def _print_table(evaluation: WeightsEvaluation, written: list[Path]) -> None:
     result = evaluation.result
     # No markup: class names such as '[unlabelled]' are printed as they are.
     console = Console(markup=False, highlight=False)
-    console.print(
+    # Plain lines never wrap (rich wraps at 80 columns when output is not a terminal).
+    typer.echo(
         f"{evaluation.meta.model} on {evaluation.dataset} {evaluation.split} "
         f"({result.examples} examples) from {evaluation.weights}"
     )
@@ -93,7 +94,7 @@ def _print_table(evaluation: WeightsEvaluation, written: list[Path]) -> None:
     recorded = evaluation.meta.metrics.get(f"{evaluation.split}_acc")
     if recorded is not None:
         line += f"  (recorded at epoch {evaluation.meta.epoch}: {recorded:.4f})"
-    console.print(line)
+    typer.echo(line)
 
     table = Table("class")
     for column in ("precision", "recall", "F1", "support"):
@@ -104,4 +105,4 @@ def _print_table(evaluation: WeightsEvaluation, written: list[Path]) -> None:
         table.add_row(name, f"{p:.4f}", f"{r:.4f}", f"{f:.4f}", str(n))
     console.print(table)
     for path in written:
-        console.print(f"wrote {path}")
+        typer.echo(f"wrote {path}")
