@@ -18,7 +18,7 @@ built-in.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -202,15 +202,11 @@ def check_model_spec(
         where = f"{owner} (in_channels={channels}, num_classes={classes}, options={options})"
         _check_real_step(where, spec, channels, classes, side, options, target)
 
-    try:
+    def build_with_unknown_option() -> None:
         with torch.device("meta"):
             spec.build(in_channels[0], num_classes[0], **{_UNKNOWN_OPTION: 1})
-    except UsageError:
-        pass
-    except Exception as exc:  # anything but UsageError would show the user a traceback
-        _fail(f"{owner}: an unknown option raised {type(exc).__name__}, expected cnnkit.errors.UsageError")
-    else:
-        _fail(f"{owner}: build() accepted the unknown option '{_UNKNOWN_OPTION}'; raise cnnkit.errors.UsageError")
+
+    _expect_usage_error(owner, "build()", build_with_unknown_option)
 
 
 def _check_split(owner: str, split_name: str, split: object, num_classes: int) -> ImageTensors:
@@ -314,11 +310,15 @@ def check_dataset_spec(spec: DatasetSpec, data: Path | None = None, **options: A
     _check_statistics(owner, "mean", splits.mean, means, c)
     _check_statistics(owner, "std", splits.std, stds, c)
 
+    _expect_usage_error(owner, "load()", lambda: spec.load(data, **options, **{_UNKNOWN_OPTION: 1}))
+
+
+def _expect_usage_error(owner: str, what: str, call: Callable[[], object]) -> None:
+    """``call`` passes an unknown option: it must raise UsageError (a one-line exit 2), nothing else."""
     try:
-        spec.load(data, **options, **{_UNKNOWN_OPTION: 1})
+        call()
     except UsageError:
-        pass
+        return
     except Exception as exc:  # anything but UsageError would show the user a traceback
         _fail(f"{owner}: an unknown option raised {type(exc).__name__}, expected cnnkit.errors.UsageError")
-    else:
-        _fail(f"{owner}: load() accepted the unknown option '{_UNKNOWN_OPTION}'; raise cnnkit.errors.UsageError")
+    _fail(f"{owner}: {what} accepted the unknown option '{_UNKNOWN_OPTION}'; raise cnnkit.errors.UsageError")
