@@ -157,6 +157,22 @@ def test_ctrl_c_saves_last_and_exits_130(idx_data: Path, tmp_path: Path) -> None
     assert f"end of epoch {saved.epoch}" in stderr
 
 
+def test_repeated_ctrl_c_during_the_save_does_not_corrupt_it(idx_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    process = _start(tiny_args(idx_data, "--epochs", "1000", "--out", str(out), "-q"))
+    _wait_for(out / "metrics.csv", process)
+    for _ in range(8):  # the first interrupts; the rest land while `last` is being saved, or after
+        if process.poll() is not None:
+            break
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.02)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    model, meta = load_weights(out / "last.safetensors")
+    assert meta.epoch is not None and load_state(out / STATE_NAME).epoch >= 1
+
+
 def test_sigkill_at_random_moments_leaves_loadable_checkpoints(idx_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     chance = random.Random(1234)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from enum import Enum
 from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 
-from cnnkit.errors import CnnkitError, UsageError
+from cnnkit.errors import CnnkitError, InterruptedRun, UsageError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -27,6 +29,17 @@ def parse_key_values(pairs: list[str] | None, flag: str = "-o") -> dict[str, str
     return out
 
 
+STANDALONE = False
+"""True when running as the ``cnnkit`` program (not in-process, e.g. under CliRunner in tests)."""
+
+
+def settle_interrupt() -> None:
+    """After Ctrl-C the outcome is decided (exit 130): further presses must not kill the process by
+    signal on its way out. Only for the real program: in-process callers keep their handler."""
+    if STANDALONE and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def guarded(command: Callable[P, R]) -> Callable[P, R]:
     """Run a command body so that an expected error is one stderr line and its exit code.
 
@@ -38,10 +51,13 @@ def guarded(command: Callable[P, R]) -> Callable[P, R]:
         try:
             return command(*args, **kwargs)
         except CnnkitError as exc:
+            if isinstance(exc, InterruptedRun):
+                settle_interrupt()
             exc.show()
             raise typer.Exit(exc.exit_code) from exc
         except KeyboardInterrupt:
             # Outside training (which saves first and raises InterruptedRun) nothing is half-done.
+            settle_interrupt()
             print("cnnkit: interrupted", file=sys.stderr, flush=True)
             raise typer.Exit(130) from None
 

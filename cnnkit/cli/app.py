@@ -7,11 +7,13 @@ imports the library it needs inside its body.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Annotated
 
 import typer
 
 from cnnkit import __version__
+from cnnkit.cli import _common
 from cnnkit.cli import data as data_cmd
 from cnnkit.cli import eval as eval_cmd
 from cnnkit.cli import export as export_cmd
@@ -61,5 +63,11 @@ def main_options(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="cnnkit")
+    """Console-script entry point (also ``python -m cnnkit``)."""
+    _common.STANDALONE = True
+    try:
+        app(prog_name="cnnkit")
+    except KeyboardInterrupt:
+        # Ctrl-C outside any command body (while parsing or importing): exit 130, not by signal.
+        _common.settle_interrupt()
+        sys.exit(130)
