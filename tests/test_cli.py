@@ -111,3 +111,11 @@ def test_debug_shows_traceback(runner: CliRunner) -> None:
     result = runner.invoke(app, ["--debug", "summary", "lenett"])
     assert result.exit_code == 2
     assert "Traceback" in result.stderr and "UnknownNameError" in result.stderr
+
+
+def test_operating_system_errors_are_one_line_naming_the_path(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["data", "fetch", "fashion-mnist", "--data", "/proc/cnnkit-cannot-be-here"])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        "cnnkit: error: No such file or directory: /proc/cnnkit-cannot-be-here"
+    ]

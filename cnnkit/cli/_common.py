@@ -6,13 +6,14 @@ import functools
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from enum import Enum
 from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 
-from cnnkit.errors import CnnkitError, InterruptedRun, UsageError
+from cnnkit.errors import CnnkitError, InterruptedRun, UsageError, debug_enabled
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -55,6 +56,14 @@ def guarded(command: Callable[P, R]) -> Callable[P, R]:
                 settle_interrupt()
             exc.show()
             raise typer.Exit(exc.exit_code) from exc
+        except OSError as exc:
+            # The machine said no (permission, disk full, a folder that cannot exist): name the
+            # path, no traceback; --debug shows where.
+            if debug_enabled():
+                traceback.print_exc()
+            where = f": {exc.filename}" if exc.filename else ""
+            print(f"cnnkit: error: {exc.strerror or exc}{where}", file=sys.stderr, flush=True)
+            raise typer.Exit(1) from exc
         except KeyboardInterrupt:
             # Outside training (which saves first and raises InterruptedRun) nothing is half-done.
             settle_interrupt()
