@@ -2,6 +2,7 @@
 
 | code | meaning                                   |
 |------|-------------------------------------------|
+| 1    | the operating system refused (permission, disk full); the path is named |
 | 2    | usage: a bad name, option or value        |
 | 3    | bad data: a missing, truncated or corrupt dataset file |
 | 4    | bad weights file                           |
