@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.cnnkit-installed
 # Real data: Debian's dataset-fashion-mnist package, else ../shared/datasets beside a checkout.
 export CNNKIT_DATA ?= $(firstword $(wildcard ../shared/datasets) $(HOME)/.cache/cnnkit/datasets)
 
-.PHONY: demo test bench docs clean install
+.PHONY: demo test bench docs lint clean install
 
 install: $(STAMP)
 
@@ -25,6 +25,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/loop.py
+
+# Static checks for developers (not part of `make test`): pyflakes-class errors, imports, types.
+lint: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/ruff check cnnkit tests bench
+	$(BIN)/mypy cnnkit
 
 # The CLI reference is generated from the commands' own help.
 docs: $(STAMP)

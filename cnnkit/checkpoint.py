@@ -23,7 +23,13 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 import cnnkit
-from cnnkit.errors import CnnkitError, UnknownNameError, UsageError, WeightsError, closest
+from cnnkit.errors import (
+    CnnkitError,
+    UnknownNameError,
+    UsageError,
+    WeightsError,
+    closest,
+)
 
 __all__ = [
     "META_KEY",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import entrypoints
 
@@ -155,7 +155,7 @@ class Registry(Generic[T]):
                 f"{self.kind} '{entry.name}' from '{entry.distribution}' ({entry.target}) is not a "
                 f"{self.protocol.__name__}; see docs/plugins.md"
             )
-        return obj
+        return cast(T, obj)
 
     def load_all(self, pattern: str | None = None) -> dict[str, T]:
         """Every loadable entry; a broken plugin is reported in one line and left out."""

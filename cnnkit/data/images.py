@@ -22,8 +22,8 @@ def _decode(path: Path, channels: int, size: tuple[int, int] | None) -> np.ndarr
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty (0 bytes); replace or remove it")
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
+        with Image.open(path) as opened:
+            image = opened.convert("L" if channels == 1 else "RGB")
             if size is not None and image.size != (size[1], size[0]):
                 image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)

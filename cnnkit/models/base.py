@@ -15,6 +15,7 @@ from cnnkit.protocols import Recipe
 __all__ = ["Architecture", "NoOptions", "parse_model_options"]
 
 O = TypeVar("O", bound=BaseModel)
+M = TypeVar("M", bound=nn.Module)
 
 
 class NoOptions(BaseModel):
@@ -71,7 +72,7 @@ def fc_classifier(in_features: int, num_classes: int, dropout: float, hidden: in
     )  # fmt: skip
 
 
-def init_relu_cnn(model: nn.Module, mode: Literal["fan_in", "fan_out"] = "fan_out") -> nn.Module:
+def init_relu_cnn(model: M, mode: Literal["fan_in", "fan_out"] = "fan_out") -> M:
     """torchvision's VGG initialisation: He (``mode``) for ReLU convolutions, unit BatchNorm, and a
     small Gaussian for linear layers so that the initial logits start near zero."""
     for module in model.modules():

@@ -10,6 +10,8 @@ channels and the resolution, and global average pooling before the linear classi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -57,7 +59,7 @@ def _dense_layer(in_channels: int, growth_rate: int, bottleneck: int, bias: bool
 class DenseBlock(nn.Module):
     """Dense layers whose outputs are concatenated onto their input, one after another."""
 
-    def __init__(self, layers: list[nn.Module]) -> None:
+    def __init__(self, layers: Sequence[nn.Module]) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
 

@@ -102,7 +102,10 @@ class EventBus:
 
 
 def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    atomic_write(path, write)
 
 
 class RunFiles:
@@ -283,10 +286,14 @@ class LogFile:
         return [
             (Events.STARTED, self.started),
             (Events.EPOCH_COMPLETED, lambda run: self._log(run, _epoch_line(run))),
-            (Events.COMPLETED, lambda run: [self._log(run, line) for line in closing_lines(run)]),
+            (Events.COMPLETED, self.completed),
             (Events.INTERRUPTED, self.ended),
             (Events.FAILED, self.ended),
         ]
+
+    def completed(self, run: Run) -> None:
+        for line in closing_lines(run):
+            self._log(run, line)
 
     def _log(self, run: Run, line: str) -> None:
         # An append-only log: a kill can at worst cut its last line, never lose earlier ones.
@@ -398,7 +405,13 @@ class Console:
             f"{run.device}{amp}{' · compiled' if run.config.compile else ''} · {where}"
         )
         if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self._progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -269,7 +269,9 @@ class StandardTrainer:
     ) -> tuple[Run, nn.Module]:  # fmt: skip
         """Place the model, build the optimiser, restore a resume point; returns the run and the net to call."""
         channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
-        model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(model, config)
         normalized = config.normalize
         meta = WeightsMeta(
@@ -298,7 +300,8 @@ class StandardTrainer:
         else:
             # Dropout draws from the global generator: start it from the seed too.
             torch.manual_seed(config.seed)
-        net = torch.compile(model) if config.compile else model
+        # torch.compile returns a callable wrapper; it is used like the module it wraps.
+        net = cast(nn.Module, torch.compile(model)) if config.compile else model
         return run, net
 
 
