@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnkit.checkpoint import load_weights
+from cnnkit.checkpoint import load_weights, read_meta
 from cnnkit.cli.app import app
 from cnnkit.training.state import STATE_NAME, load_state
 
@@ -197,3 +197,23 @@ def test_lenet_bn_one_epoch_on_real_fashion_mnist(runner, real_data: Path, tmp_p
     assert result.exit_code == 0, result.output
     _, meta = load_weights(out / "best.safetensors")
     assert meta.metrics["test_acc"] >= 0.80
+
+
+def test_image_folder_with_channels_and_its_split_files(runner, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (20, 20), tuple(min(255, c + 3 * i) for c in colour)).save(tmp_path / "imgs" / name / f"{i}.png")
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "train", "lenet", "--dataset", "image-folder", "--data", str(tmp_path / "imgs"), "--channels", "1",
+        "--input-size", "16", "--epochs", "1", "--batch-size", "8", "--out", str(out), "-q",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    meta = read_meta(out / "best.safetensors")
+    assert (meta.in_channels, meta.classes, meta.dataset_options) == (1, ["blue", "red"], {"channels": 1})
+    held_out = (out / "split_test.txt").read_text().split()
+    assert len(held_out) == 2 and all(line.split("/")[0] in {"blue", "red"} for line in held_out)
+    assert not set(held_out) & set((out / "split_train.txt").read_text().split())

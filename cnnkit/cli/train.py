@@ -45,6 +45,9 @@ def train_command(
     dataset: Annotated[str | None, typer.Option("--dataset", help="Registered dataset [fashion-mnist].")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="Folder holding the dataset's files.")] = None,
     split: Annotated[str | None, typer.Option("--split", help="Dataset split rule (same as -d split=S).")] = None,
+    channels: Annotated[
+        int | None, typer.Option("--channels", help="Image folders: 1 (grayscale) or 3 (RGB) (same as -d channels=N).")
+    ] = None,
     dataset_option: Annotated[
         list[str] | None, typer.Option("-d", "--dataset-option", help="Dataset option key=value.")
     ] = None,
@@ -131,6 +134,8 @@ def train_command(
     dataset_options = parse_key_values(dataset_option, flag="-d")
     if split is not None:
         dataset_options["split"] = split
+    if channels is not None:
+        dataset_options["channels"] = str(channels)
     if dataset_options:
         given["dataset_options"] = dataset_options
     model_options = parse_key_values(model_option, flag="-o")
