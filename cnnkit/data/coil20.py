@@ -23,7 +23,7 @@ from cnnkit.data.cache import cached_splits, dataset_statistics, source_key
 from cnnkit.data.images import decode_images
 from cnnkit.data.locate import find_folder
 from cnnkit.errors import DataError
-from cnnkit.models.base import parse_model_options
+from cnnkit.options import parse_options
 from cnnkit.protocols import DatasetSplits, ImageTensors
 
 __all__ = ["COIL20", "Coil20", "Coil20Options", "parse_name"]
@@ -86,7 +86,7 @@ class Coil20:
 
     def load(self, data: Path | None = None, **options: Any) -> DatasetSplits:
         """Both splits under ``split`` (random, pose-block, alternate); labels from file names."""
-        opts = parse_model_options(self.name, Coil20Options, options, kind="dataset")
+        opts = parse_options(self.name, Coil20Options, options, kind="dataset")
         folder = self.locate(data)
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         parsed = {p: parse_name(p) for p in files}

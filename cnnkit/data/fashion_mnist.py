@@ -17,7 +17,7 @@ from cnnkit.data.cache import cached_splits, dataset_statistics, source_key
 from cnnkit.data.idx import read_idx
 from cnnkit.data.locate import find_folder
 from cnnkit.errors import DataError
-from cnnkit.models.base import parse_model_options
+from cnnkit.options import parse_options
 from cnnkit.protocols import DatasetSplits, ImageTensors
 
 __all__ = ["FashionMNIST", "FASHION_MNIST", "FILES", "HOW_TO_GET"]
@@ -75,7 +75,7 @@ class FashionMNIST:
 
     def load(self, data: Path | None = None, **options: Any) -> DatasetSplits:
         """Both splits from the IDX files (decoded once, then from the cache)."""
-        parse_model_options(self.name, FashionMNISTOptions, options, kind="dataset")
+        parse_options(self.name, FashionMNISTOptions, options, kind="dataset")
         folder = self.locate(data)
         files = self.files(folder)
         key = source_key(self.name, files, {})

@@ -19,7 +19,7 @@ from cnnkit.data.cache import cached_splits, dataset_statistics, source_key
 from cnnkit.data.images import IMAGE_SUFFIXES, decode_images
 from cnnkit.data.locate import find_folder
 from cnnkit.errors import DataError
-from cnnkit.models.base import parse_model_options
+from cnnkit.options import parse_options
 from cnnkit.protocols import DatasetSplits, ImageTensors
 
 __all__ = ["IMAGE_FOLDER", "ImageFolder", "ImageFolderOptions"]
@@ -94,7 +94,7 @@ class ImageFolder:
 
     def load(self, data: Path | None = None, **options: Any) -> DatasetSplits:
         """Both splits: from train/ and test/ when present, else a seeded per-class split."""
-        opts = parse_model_options(self.name, ImageFolderOptions, options, kind="dataset")
+        opts = parse_options(self.name, ImageFolderOptions, options, kind="dataset")
         root = self.locate(data)
         given = (root / "train").is_dir() and (root / "test").is_dir()
         parts = {"train": _class_files(root / "train"), "test": _class_files(root / "test")} if given else None

@@ -6,13 +6,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from cnnkit.errors import UsageError
+from cnnkit.options import parse_options
 from cnnkit.protocols import Recipe
 
-__all__ = ["Architecture", "NoOptions", "parse_model_options"]
+__all__ = ["Architecture", "NoOptions"]
 
 O = TypeVar("O", bound=BaseModel)
 M = TypeVar("M", bound=nn.Module)
@@ -22,23 +23,6 @@ class NoOptions(BaseModel):
     """For architectures with no hyperparameters to set."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def parse_model_options(model: str, schema: type[O], options: dict[str, Any], kind: str = "model") -> O:
-    """Validate ``-o key=value`` options of a model (or a dataset: ``kind``); a bad one is a UsageError."""
-    try:
-        return schema(**options)
-    except ValidationError as exc:
-        fields = ", ".join(f"{k} ({_describe(f)})" for k, f in schema.model_fields.items()) or "none"
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}" for err in exc.errors()
-        )
-        raise UsageError(f"bad option for {kind} '{model}': {problems}. Options it takes: {fields}") from exc
-
-
-def _describe(field: Any) -> str:
-    annotation = getattr(field.annotation, "__name__", str(field.annotation))
-    return f"{annotation}, default {field.default!r}"
 
 
 @dataclass(frozen=True)
@@ -59,7 +43,7 @@ class Architecture(Generic[O]):
                 f"model '{self.name}' needs in_channels >= 1 and num_classes >= 1, "
                 f"got {in_channels} and {num_classes}"
             )
-        return self.builder(in_channels, num_classes, parse_model_options(self.name, self.options, options))
+        return self.builder(in_channels, num_classes, parse_options(self.name, self.options, options))
 
 
 def fc_classifier(in_features: int, num_classes: int, dropout: float, hidden: int = 4096) -> nn.Sequential:

@@ -24,13 +24,13 @@ __all__ = ["train", "resume", "prepare", "build_model", "next_run_dir", "typed_o
 
 def typed_options(config: TrainConfig) -> TrainConfig:
     """The config with model and dataset options validated and typed (``"0.25"`` -> ``0.25``)."""
-    from cnnkit.models.base import parse_model_options
+    from cnnkit.options import parse_options
     from cnnkit.registry import DATASETS, MODELS
 
     model_schema = MODELS.get(config.model).options
-    model_options = parse_model_options(config.model, model_schema, config.model_options).model_dump()
+    model_options = parse_options(config.model, model_schema, config.model_options).model_dump()
     dataset_schema = DATASETS.get(config.dataset).options
-    dataset_options = parse_model_options(
+    dataset_options = parse_options(
         config.dataset, dataset_schema, config.dataset_options, kind="dataset"
     ).model_dump()
     return config.model_copy(
