@@ -43,6 +43,7 @@ __all__ = [
     "load_model",
     "resolve_weights",
     "export_weights",
+    "provider_of",
 ]
 
 META_KEY = "cnnkit"
@@ -71,6 +72,11 @@ class WeightsMeta(BaseModel):
     dataset: str | None = None
     """Registered dataset name it was trained on."""
     dataset_options: dict[str, Any] = {}
+    data: str | None = None
+    """The folder the dataset was loaded from (so ``cnnkit eval`` finds it again); None: unknown."""
+    model_distribution: str | None = None
+    """The distribution that registers ``model`` (``cnnkit`` or a plugin such as ``cnnkit-efficientnet``)."""
+    model_distribution_version: str | None = None
     mean: list[float] | None = None
     """Per-channel mean on the 0..1 scale; None: inputs are only scaled to 0..1 (the d2l recipe)."""
     std: list[float] | None = None
@@ -81,6 +87,17 @@ class WeightsMeta(BaseModel):
     """Floating dtype the tensors are stored in (``float16`` after ``cnnkit export --half``);
     loading always casts back to the model's float32."""
     cnnkit_version: str = cnnkit.__version__
+
+
+def provider_of(model: str) -> tuple[str | None, str | None]:
+    """(distribution, version) that registers ``model`` here, read from metadata (nothing imported)."""
+    from cnnkit.registry import MODELS
+
+    try:
+        entry = MODELS.entry(model)
+    except CnnkitError:
+        return None, None
+    return entry.distribution, entry.version or None
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:

@@ -3,7 +3,8 @@
 A run's config is resolved in layers, each overriding the one before only where it says
 something:
 
-1. the model's recipe (``--recipe default`` or ``d2l``, see :mod:`cnnkit.training.recipes`),
+1. the model spec's recipe (``--recipe default``: as the spec writes it; ``d2l``: the seed's,
+   derived from the same spec by :meth:`cnnkit.protocols.Recipe.named`),
 2. a TOML or JSON file (``--config run.toml``; a run's own ``config.json`` works too),
 3. the command-line options that were actually given.
 
@@ -17,28 +18,37 @@ import json
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from cnnkit.errors import UsageError, closest
+from cnnkit.protocols import HYPERPARAMETER_KEYS, RECIPE_NAMES, Hyperparameters, RecipeName
 
 __all__ = [
     "TrainConfig",
     "RECIPE_KEYS",
     "RESUMABLE_KEYS",
+    "recipe_values",
     "read_config_file",
     "resolve_config",
     "describe_config",
 ]
 
 
-class TrainConfig(BaseModel):
-    """A fully resolved training run (what ``config.json`` records)."""
+class TrainConfig(Hyperparameters):
+    """A fully resolved training run (what ``config.json`` records).
+
+    The hyperparameters (epochs, batch size, optimiser, schedule, ...) are declared once in
+    :class:`~cnnkit.protocols.Hyperparameters`, which the model spec's :class:`~cnnkit.protocols.Recipe`
+    shares; their values come from the recipe unless a file or the command line says otherwise.
+    Every field here is also a ``cnnkit train`` option (the command line is generated from this
+    class), a config-file key and a row of ``docs/config.md``.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    # -- what to train on what ---------------------------------------------------------------
+    # -- what to train on what, and how ----------------------------------------------------------
     model: str = Field(description="Registered model name ('cnnkit list models').")
     model_options: dict[str, Any] = Field(
         default_factory=dict, description="Architecture options (-o key=value), e.g. {width = 0.25}."
@@ -48,30 +58,13 @@ class TrainConfig(BaseModel):
     dataset_options: dict[str, Any] = Field(
         default_factory=dict, description="Dataset loading options (-d key=value), e.g. {split = 'pose-block'}."
     )
-    trainer: str = Field("standard", description="Registered trainer that runs the loop.")
-
-    # -- the recipe: filled from the model's recipe, then the file, then the command line -----
-    recipe: Literal["default", "d2l"] = Field(
-        "default", description="Hyperparameter set: cnnkit's tuned 'default' or the seed's 'd2l'."
+    trainer: str = Field("standard", description="Registered trainer that runs the loop ('cnnkit list trainers').")
+    trainer_options: dict[str, Any] = Field(
+        default_factory=dict, description="The trainer's own options (-t key=value), e.g. {report_every = 2}."
     )
-    epochs: int = Field(10, gt=0, description="Passes over the training split (default: from the recipe).")
-    batch_size: int = Field(128, gt=0, description="Examples per step (default: from the recipe).")
-    lr: float = Field(0.1, gt=0, description="Peak learning rate (default: from the recipe).")
-    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd or adamw (default: from the recipe).")
-    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum; AdamW's beta1 stays 0.9.")
-    nesterov: bool = Field(False, description="Nesterov momentum for SGD (needs momentum > 0).")
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled for AdamW, L2 for SGD; not on norms/biases.")
-    schedule: Literal["constant", "cosine", "onecycle"] = Field(
-        "constant", description="Learning-rate schedule over the whole run, stepped every batch."
+    recipe: RecipeName = Field(
+        "default", description="Hyperparameter set: the model's own 'default' or the seed's 'd2l'."
     )
-    warmup: float = Field(0.0, ge=0, description="Epochs of linear warm-up from 0 to lr (onecycle: from lr/25).")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the training loss.")
-    augment: bool = Field(False, description="Random crop with padding and horizontal flip of training batches.")
-    normalize: bool = Field(False, description="Standardise inputs with the dataset's mean/std (else only 0..1).")
-    init: Literal["xavier", "default"] = Field(
-        "default", description="xavier: d2l's Xavier-uniform conv/linear weights; default: the model's own."
-    )
-    input_size: int = Field(28, gt=0, description="Square side images are resized to (default: from the recipe).")
 
     # -- reproducibility and hardware ---------------------------------------------------------
     seed: int = Field(0, ge=0, description="Seeds weights, shuffling, augmentation and dropout.")
@@ -91,14 +84,18 @@ class TrainConfig(BaseModel):
     quiet: bool = Field(False, description="No progress output, only the closing lines and errors.")
 
 
-RECIPE_KEYS: tuple[str, ...] = (
-    "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov", "weight_decay", "schedule",
-    "warmup", "label_smoothing", "augment", "normalize", "init", "input_size",
-)  # fmt: skip
+RECIPE_KEYS: tuple[str, ...] = HYPERPARAMETER_KEYS
 """The keys a recipe fills (everything a file or the command line may still override)."""
 
 RESUMABLE_KEYS: tuple[str, ...] = ("epochs", "device", "quiet", "tensorboard", "patience", "compile")
 """What ``--resume`` may change: nothing that would make the continued run differ from the saved one."""
+
+
+def recipe_values(model: str, recipe: str = "default") -> dict[str, Any]:
+    """The config keys recipe ``recipe`` fills for registered ``model``, read from its spec."""
+    from cnnkit.registry import MODELS
+
+    return {**MODELS.get(model).recipe.named(recipe).model_dump(), "recipe": recipe}
 
 
 def _valid_keys() -> str:
@@ -166,13 +163,11 @@ def resolve_config(
     ``overrides`` holds only what was given on the command line (no Nones); ``model_options`` and
     ``dataset_options`` given there are merged key by key into the file's.
     """
-    from cnnkit.training.recipes import recipe_values
-
     given = dict(overrides or {})
     _check_keys(given, "command line")
     layered = read_config_file(file) if file is not None else {}
     source = str(file) if file is not None else "command line"
-    for key in ("model_options", "dataset_options"):
+    for key in ("model_options", "dataset_options", "trainer_options"):
         if key in given and key in layered:
             if not isinstance(layered[key], dict):
                 raise UsageError(f"{source}: {key} must be a table of key = value pairs")
@@ -183,9 +178,9 @@ def resolve_config(
     if not model:
         raise UsageError("no model given; name one (cnnkit train MODEL) or set model = '...' in --config")
     recipe = merged.get("recipe", "default")
-    if recipe not in ("default", "d2l"):
+    if recipe not in RECIPE_NAMES:
         where = "command line" if "recipe" in given else source
-        raise UsageError(f"{where}: recipe = {recipe!r} is not a recipe; use default or d2l")
+        raise UsageError(f"{where}: recipe = {recipe!r} is not a recipe; use {' or '.join(RECIPE_NAMES)}")
     base = recipe_values(str(model), recipe)
     # Validate the file alone first so that its errors name the file, then the whole.
     if layered:

@@ -10,6 +10,10 @@ Switches (like pytest's ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``):
 
 - ``CNNKIT_DISABLE_PLUGIN_AUTOLOAD=1``: use cnnkit's built-ins only,
 - ``CNNKIT_PLUGINS=dist-a,dist-b``: with autoload disabled, still load these distributions.
+
+An entry that names a class (as trainers do) is instantiated afresh on every :meth:`Registry.get`,
+so nothing one run attaches to a trainer leaks into the next; an entry that names an object (a
+model or dataset spec) is shared, since specs are immutable descriptions.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, Generic, TypeVar, cast
 import entrypoints
 
 from cnnkit._console import warn
-from cnnkit.errors import PluginLoadError, UnknownNameError
+from cnnkit.errors import PluginLoadError, UnknownNameError, UsageError
 from cnnkit.protocols import DatasetSpec, ModelSpec, Trainer
 
 __all__ = ["Entry", "Registry", "MODELS", "DATASETS", "TRAINERS", "BUILTIN_DISTRIBUTION"]
@@ -68,7 +72,8 @@ class Registry(Generic[T]):
         self.protocol = protocol
         self._entries: dict[str, Entry] | None = None
         self._shadowed: dict[str, Entry] = {}
-        self._loaded: dict[str, T] = {}
+        self._disabled: dict[str, Entry] = {}
+        self._loaded: dict[str, Any] = {}
 
     # -- metadata only ---------------------------------------------------------------------
     def entries(self) -> dict[str, Entry]:
@@ -77,18 +82,32 @@ class Registry(Generic[T]):
             self._entries, self._shadowed = self._scan()
         return self._entries
 
+    def shadowed(self) -> dict[str, Entry]:
+        """``dist:name`` -> entry for every registration that lost a name clash."""
+        self.entries()
+        return dict(self._shadowed)
+
+    def disabled(self) -> dict[str, Entry]:
+        """Name -> entry for every registration the autoload switches turned off."""
+        self.entries()
+        return dict(self._disabled)
+
     def _scan(self) -> tuple[dict[str, Entry], dict[str, Entry]]:
         by_name: dict[str, list[Entry]] = {}
         seen: set[tuple[str, str]] = set()
+        self._disabled = {}
         for ep in entrypoints.get_group_all(self.group):
             # Folder names spell distributions with underscores; show the canonical dashed name.
             dist = _normalise(ep.distro.name) if ep.distro is not None else "unknown"
             version = (ep.distro.version or "") if ep.distro is not None else ""
             # The same distribution can sit on sys.path twice (e.g. a build dir); first one wins.
-            if (ep.name, _normalise(dist)) in seen or not _autoload_allowed(dist):
+            if (ep.name, _normalise(dist)) in seen:
                 continue
             seen.add((ep.name, _normalise(dist)))
             target = ep.module_name + (f":{ep.object_name}" if ep.object_name else "")
+            if not _autoload_allowed(dist):
+                self._disabled.setdefault(ep.name, Entry(ep.name, target, dist, version))
+                continue
             by_name.setdefault(ep.name, []).append(Entry(ep.name, target, dist, version))
 
         chosen: dict[str, Entry] = {}
@@ -124,6 +143,12 @@ class Registry(Generic[T]):
                 return self._shadowed[qualified]
             if short in entries and _normalise(entries[short].distribution) == _normalise(dist):
                 return entries[short]
+        off = self._disabled.get(name.partition(":")[2] if ":" in name else name)
+        if off is not None:
+            raise UsageError(
+                f"{self.kind} '{name}' is provided by '{off.distribution}', which is installed but disabled "
+                f"(CNNKIT_DISABLE_PLUGIN_AUTOLOAD is set); allow it with CNNKIT_PLUGINS={off.distribution}"
+            )
         raise UnknownNameError(self.kind, name, entries)
 
     def __contains__(self, name: object) -> bool:
@@ -131,14 +156,15 @@ class Registry(Generic[T]):
 
     # -- loading ---------------------------------------------------------------------------
     def get(self, name: str) -> T:
-        """The object registered as ``name``, importing its module on first use."""
+        """The object registered as ``name``, importing its module on first use; a class entry gives
+        a fresh instance on every call."""
         entry = self.entry(name)
         key = f"{_normalise(entry.distribution)}:{entry.name}"
         if key not in self._loaded:
-            self._loaded[key] = self._load(entry)
-        return self._loaded[key]
+            self._loaded[key] = self._import(entry)
+        return self._instance(entry, self._loaded[key])
 
-    def _load(self, entry: Entry) -> T:
+    def _import(self, entry: Entry) -> Any:
         module_name, _, attr = entry.target.partition(":")
         try:
             ep = entrypoints.EntryPoint(entry.name, module_name, attr or None)
@@ -148,8 +174,18 @@ class Registry(Generic[T]):
                 f"{self.kind} '{entry.name}' from '{entry.distribution}' failed to load "
                 f"({type(exc).__name__}: {exc}); reinstall or remove that distribution"
             ) from exc
+        self._instance(entry, obj)  # fail here, at import, if it does not fit the protocol
+        return obj
+
+    def _instance(self, entry: Entry, obj: Any) -> T:
         if isinstance(obj, type):
-            obj = obj()
+            try:
+                obj = obj()
+            except Exception as exc:  # a plugin's constructor can raise anything
+                raise PluginLoadError(
+                    f"{self.kind} '{entry.name}' from '{entry.distribution}' could not be created "
+                    f"({type(exc).__name__}: {exc}); its class must take no arguments"
+                ) from exc
         if not isinstance(obj, self.protocol):
             raise PluginLoadError(
                 f"{self.kind} '{entry.name}' from '{entry.distribution}' ({entry.target}) is not a "
@@ -171,6 +207,7 @@ class Registry(Generic[T]):
         """Forget what was scanned and loaded (after installing a plugin, or in tests)."""
         self._entries = None
         self._shadowed = {}
+        self._disabled = {}
         self._loaded.clear()
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from cnnkit.cli.app import app
-from cnnkit.config import RECIPE_KEYS, TrainConfig, describe_config, read_config_file, resolve_config
+from cnnkit.config import RECIPE_KEYS, TrainConfig, describe_config, read_config_file, recipe_values, resolve_config
 from cnnkit.errors import UsageError
-from cnnkit.training.recipes import DEFAULTS, recipe_values
+from cnnkit.registry import MODELS
 
 
 def test_every_field_is_documented() -> None:
@@ -22,16 +22,14 @@ def test_d2l_recipe_is_the_seeds() -> None:
     config = resolve_config(overrides={"model": "lenet", "recipe": "d2l"})
     assert (config.optimizer, config.momentum, config.schedule, config.weight_decay) == ("sgd", 0.0, "constant", 0.0)
     assert (config.augment, config.normalize, config.init, config.label_smoothing) == (False, False, "xavier", 0.0)
-    from cnnkit.registry import MODELS
-
-    seed = MODELS.get("lenet").recipe
+    recipe = MODELS.get("lenet").recipe
     assert (config.lr, config.batch_size, config.input_size, config.epochs) == (
-        seed.lr, seed.batch_size, seed.input_size, 10,
+        recipe.seed_lr, recipe.batch_size, recipe.input_size, 10,
     )  # fmt: skip
 
 
 def test_default_recipe_differs_from_d2l_for_every_builtin() -> None:
-    for model in DEFAULTS:
+    for model in MODELS.names():
         default, d2l = recipe_values(model, "default"), recipe_values(model, "d2l")
         assert set(RECIPE_KEYS) <= set(default) and set(RECIPE_KEYS) <= set(d2l)
         assert default["normalize"] and not d2l["normalize"]

@@ -209,10 +209,8 @@ def test_recipes_are_d2l_s(name: str) -> None:
         "vgg16": (224, 0.01), "nin": (224, 0.05), "googlenet": (96, 0.01), "resnet18": (96, 0.01),
         "resnet50": (96, 0.01), "densenet": (96, 0.01), "densenet121": (96, 0.01),
     }  # fmt: skip
-    recipe = cnnkit.get_model(name).recipe
-    assert (recipe.input_size, recipe.lr, recipe.batch_size, recipe.epochs, recipe.optimizer) == (
-        *expected[name], 128, 10, "sgd"
-    )
+    seed = cnnkit.get_model(name).recipe.named("d2l")
+    assert (seed.input_size, seed.lr, seed.batch_size, seed.epochs, seed.optimizer) == (*expected[name], 128, 10, "sgd")
 
 
 # -- the contract checks themselves --------------------------------------------------------------

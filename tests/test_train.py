@@ -16,8 +16,9 @@ from cnnkit.config import TrainConfig, resolve_config
 from cnnkit.errors import DivergedError, InterruptedRun, UsageError
 from cnnkit.protocols import DatasetSplits, ImageTensors
 from cnnkit.training.events import METRIC_COLUMNS, Events
-from cnnkit.training.run import build_model
-from cnnkit.training.trainer import Run, StandardTrainer
+from cnnkit.training.context import Run
+from cnnkit.training.events import Handler
+from cnnkit.training.run import resume, train
 
 TIMING = {"examples_per_s", "epoch_seconds"}
 
@@ -50,10 +51,12 @@ def tiny_config(tmp_path: Path, name: str = "run", **overrides: Any) -> TrainCon
     return resolve_config(overrides=values)
 
 
-def fit(config: TrainConfig, trainer: StandardTrainer | None = None, resume: bool = False) -> Any:
-    data = tiny_splits()
-    model = build_model(config, data)
-    return (trainer or StandardTrainer()).fit(model, data, config, resume=resume)
+def fit(config: TrainConfig, handlers: list[tuple[Events, Handler]] | None = None, again: bool = False) -> Any:
+    """One run of the driver on the tiny splits; ``again`` resumes ``config.out`` up to ``config.epochs``."""
+    if again:
+        return resume(config.out or "", {"epochs": config.epochs, "quiet": config.quiet}, data=tiny_splits(),
+                      handlers=handlers or [])  # fmt: skip
+    return train(config, data=tiny_splits(), handlers=handlers or [])
 
 
 def without_timing(history: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -133,14 +136,14 @@ def test_resume_from_an_epoch_boundary_matches_an_uninterrupted_run(tmp_path: Pa
         if run.epoch == 2:
             raise KeyboardInterrupt
 
-    interrupted = StandardTrainer()
-    interrupted.add_event_handler(Events.EPOCH_COMPLETED, stop_after_two)
     config = tiny_config(tmp_path, "split", **options)
-    with pytest.raises(InterruptedRun, match="--resume"):
-        fit(config, interrupted)
-    load_weights(tmp_path / "split" / "last.safetensors")  # what Ctrl-C saved loads
+    with pytest.raises(InterruptedRun, match="--resume") as caught:
+        fit(config, [(Events.EPOCH_COMPLETED, stop_after_two)])
+    assert "holds epoch 2" in caught.value.format_message()
+    _, meta = load_weights(tmp_path / "split" / "last.safetensors")  # last is a completed epoch, labelled so
+    assert meta.epoch == 2 and meta.metrics["epoch"] == 2
 
-    resumed = fit(config, resume=True)
+    resumed = fit(config, again=True)
     assert [row["epoch"] for row in resumed.history] == [1, 2, 3, 4]
     assert without_timing(resumed.history) == without_timing(whole.history)
     a, b = load_file(tmp_path / "whole" / "last.safetensors"), load_file(tmp_path / "split" / "last.safetensors")
@@ -153,8 +156,8 @@ def test_resume_needs_more_epochs(tmp_path: Path) -> None:
     config = tiny_config(tmp_path, epochs=1)
     fit(config)
     with pytest.raises(UsageError, match="--epochs N with N > 1"):
-        fit(config, resume=True)
-    extended = fit(config.model_copy(update={"epochs": 2}), resume=True)
+        fit(config, again=True)
+    extended = fit(config.model_copy(update={"epochs": 2}), again=True)
     assert [row["epoch"] for row in extended.history] == [1, 2]
 
 
@@ -165,12 +168,10 @@ def test_non_finite_loss_stops_with_diverged_and_keeps_best(tmp_path: Path) -> N
             with torch.no_grad():
                 next(run.model.parameters()).fill_(float("nan"))
 
-    trainer = StandardTrainer()
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, poison)
     config = tiny_config(tmp_path)
     best = Path(config.out or "") / "best.safetensors"
     with pytest.raises(DivergedError) as caught:
-        fit(config, trainer)
+        fit(config, [(Events.EPOCH_COMPLETED, poison)])
     message = caught.value.format_message()
     assert "epoch 2, step 1" in message and "lr " in message and "\n" not in message
     _, meta = load_weights(best)
@@ -182,7 +183,7 @@ def test_huge_learning_rate_diverges(tmp_path: Path) -> None:
     config = tiny_config(tmp_path, model="lenet", recipe="d2l", lr=1e38)
     with pytest.raises(DivergedError, match="epoch 1, step"):
         fit(config)
-    assert not (Path(config.out or "") / "best.safetensors").exists()
+    assert not Path(config.out or "").exists()  # nothing was saved, so no empty run directory is left
 
 
 def test_patience_stops_early(tmp_path: Path) -> None:

@@ -1,146 +1,116 @@
 """``cnnkit train [MODEL]``: train a registered model; ``--resume RUN_DIR`` continues a run.
 
-Every option defaults to None, meaning "not given": only given options override the config file,
-which overrides the model's recipe (see :mod:`cnnkit.config`).
+The options are generated from :class:`cnnkit.config.TrainConfig`: every field is an option
+(``batch_size`` -> ``--batch-size``, booleans as ``--flag/--no-flag``), with the field's own
+description, so a field added there is settable here, in a config file and documented, without
+touching this file. Every option defaults to "not given": only given options override the config
+file, which overrides the model's recipe. Values are validated by the same pydantic model, so a
+bad ``--lr`` reads exactly like a bad ``lr =`` in a file.
 """
 
 from __future__ import annotations
 
-from enum import Enum
+import inspect
+import types
+import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
 from cnnkit.cli._common import guarded, parse_key_values
+from cnnkit.config import TrainConfig
+from cnnkit.protocols import HYPERPARAMETER_KEYS
 
 app = typer.Typer()
 
-
-class RecipeName(str, Enum):
-    default = "default"
-    d2l = "d2l"
-
-
-class OptimizerName(str, Enum):
-    sgd = "sgd"
-    adamw = "adamw"
-
-
-class Schedule(str, Enum):
-    constant = "constant"
-    cosine = "cosine"
-    onecycle = "onecycle"
-
-
+SHORT_FLAGS = {"epochs": "-e", "batch_size": "-b", "quiet": "-q"}
+"""Single-letter aliases of the most used fields."""
+PATH_FIELDS = ("data", "out", "runs_dir")
+"""Fields given as paths (completed and shown as PATH)."""
+OPTION_TABLES = {"model_options": "-o", "dataset_options": "-d", "trainer_options": "-t"}
+"""Dict fields, given as repeated ``key=value`` options."""
 _HYPER = "Hyperparameters (default: the model's recipe)"
 _RUN = "Run"
 
 
-@app.command("train")
-@guarded
+def _option_type(field: Any) -> tuple[Any, str]:
+    """The click-level type of a config field and a note of its choices for the help text."""
+    annotation = field.annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is Literal:
+        return str, f" One of: {', '.join(map(str, typing.get_args(annotation)))}."
+    if annotation in (bool, int, float):
+        return annotation, ""
+    return str, ""
+
+
+def _config_parameters() -> list[inspect.Parameter]:
+    """One keyword parameter per TrainConfig field, annotated for Typer."""
+    params = []
+    for name, field in TrainConfig.model_fields.items():
+        if name == "model" or name in OPTION_TABLES:
+            continue
+        kind, choices = _option_type(field)
+        flag = "--" + name.replace("_", "-")
+        decls = [f"{flag}/--no-{flag[2:]}" if kind is bool else flag, *([SHORT_FLAGS[name]] if name in SHORT_FLAGS else [])]
+        if name in HYPERPARAMETER_KEYS:
+            panel, default = _HYPER, ""
+        else:
+            default = "" if field.default is None or field.default is False or field.default_factory else f" [default: {field.default}]"
+            panel = _RUN
+        option = typer.Option(*decls, help=f"{field.description}{choices}{default}", rich_help_panel=panel, show_default=False)
+        annotation = Path if name in PATH_FIELDS else kind
+        params.append(
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[annotation | None, option])
+        )
+    return params
+
+
 def train_command(
     model: Annotated[str | None, typer.Argument(help="Registered model ('cnnkit list models').", show_default=False)] = None,
+    *,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML or JSON file of config keys.")] = None,
-    dataset: Annotated[str | None, typer.Option("--dataset", help="Registered dataset [fashion-mnist].")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="Folder holding the dataset's files.")] = None,
+    resume_dir: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the run in this directory.", rich_help_panel=_RUN)
+    ] = None,
     split: Annotated[str | None, typer.Option("--split", help="Dataset split rule (same as -d split=S).")] = None,
     channels: Annotated[
         int | None, typer.Option("--channels", help="Image folders: 1 (grayscale) or 3 (RGB) (same as -d channels=N).")
     ] = None,
-    dataset_option: Annotated[
-        list[str] | None, typer.Option("-d", "--dataset-option", help="Dataset option key=value.")
-    ] = None,
-    recipe: Annotated[
-        RecipeName | None, typer.Option("--recipe", help="default (cnnkit's) or d2l (the seed's) [default].")
-    ] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", "-e", help="Epochs.", rich_help_panel=_HYPER)] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", "-b", help="Examples per step.", rich_help_panel=_HYPER)
-    ] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=_HYPER)] = None,
-    optimizer: Annotated[
-        OptimizerName | None, typer.Option("--optimizer", help="sgd or adamw.", rich_help_panel=_HYPER)
-    ] = None,
-    weight_decay: Annotated[
-        float | None, typer.Option("--weight-decay", help="Weight decay.", rich_help_panel=_HYPER)
-    ] = None,
-    schedule: Annotated[
-        Schedule | None, typer.Option("--schedule", help="constant, cosine or onecycle.", rich_help_panel=_HYPER)
-    ] = None,
-    label_smoothing: Annotated[
-        float | None, typer.Option("--label-smoothing", help="Label smoothing.", rich_help_panel=_HYPER)
-    ] = None,
-    augment: Annotated[
-        bool | None,
-        typer.Option("--augment/--no-augment", help="Random crop + flip of batches.", rich_help_panel=_HYPER),
-    ] = None,
-    input_size: Annotated[
-        int | None, typer.Option("--input-size", help="Square input side in pixels.", rich_help_panel=_HYPER)
-    ] = None,
     model_option: Annotated[
         list[str] | None, typer.Option("-o", "--model-option", help="Model option key=value (e.g. width=0.25).")
     ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed [0].", rich_help_panel=_RUN)] = None,
-    deterministic: Annotated[
-        bool | None,
-        typer.Option("--deterministic", help="Deterministic algorithms: bit-identical reruns.", rich_help_panel=_RUN),
+    dataset_option: Annotated[
+        list[str] | None, typer.Option("-d", "--dataset-option", help="Dataset option key=value.")
     ] = None,
-    device: Annotated[
-        str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps [auto].", rich_help_panel=_RUN)
+    trainer_option: Annotated[
+        list[str] | None, typer.Option("-t", "--trainer-option", help="Trainer option key=value ('cnnkit list trainers -l').")
     ] = None,
-    amp: Annotated[
-        bool | None, typer.Option("--amp/--no-amp", help="Mixed precision [on for CUDA].", rich_help_panel=_RUN)
-    ] = None,
-    channels_last: Annotated[
-        bool | None,
-        typer.Option("--channels-last/--no-channels-last", help="channels_last [on for CUDA].", rich_help_panel=_RUN),
-    ] = None,
-    compile: Annotated[
-        bool | None, typer.Option("--compile", help="torch.compile the model.", rich_help_panel=_RUN)
-    ] = None,
-    patience: Annotated[
-        int | None,
-        typer.Option("--patience", help="Stop after N epochs without better test acc.", rich_help_panel=_RUN),
-    ] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Run directory [runs/<model>-<dataset>/<N>].", rich_help_panel=_RUN)
-    ] = None,
-    runs_dir: Annotated[
-        Path | None, typer.Option("--runs-dir", help="Parent of numbered runs [runs].", rich_help_panel=_RUN)
-    ] = None,
-    tensorboard: Annotated[
-        bool | None, typer.Option("--tensorboard", help="Also log to TensorBoard.", rich_help_panel=_RUN)
-    ] = None,
-    quiet: Annotated[bool | None, typer.Option("--quiet", "-q", help="No progress output.", rich_help_panel=_RUN)] = None,
-    resume_dir: Annotated[
-        Path | None, typer.Option("--resume", help="Continue the run in this directory.", rich_help_panel=_RUN)
-    ] = None,
+    **fields: Any,
 ) -> None:
     """Train MODEL on a dataset (Fashion-MNIST by default) and save the run: `cnnkit train lenet_bn`."""
     from cnnkit.errors import UsageError
 
     given: dict[str, Any] = {
-        "model": model, "dataset": dataset, "data": str(data) if data else None,
-        "recipe": recipe.value if recipe else None, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-        "optimizer": optimizer.value if optimizer else None, "weight_decay": weight_decay,
-        "schedule": schedule.value if schedule else None, "label_smoothing": label_smoothing,
-        "augment": augment, "input_size": input_size, "seed": seed, "deterministic": deterministic,
-        "device": device, "amp": amp, "channels_last": channels_last, "compile": compile,
-        "patience": patience, "out": str(out) if out else None, "runs_dir": str(runs_dir) if runs_dir else None,
-        "tensorboard": tensorboard, "quiet": quiet,
-    }  # fmt: skip
-    given = {key: value for key, value in given.items() if value is not None}
+        key: (str(value) if isinstance(value, Path) else value) for key, value in fields.items() if value is not None
+    }
+    if model is not None:
+        given["model"] = model
     dataset_options = parse_key_values(dataset_option, flag="-d")
     if split is not None:
         dataset_options["split"] = split
     if channels is not None:
         dataset_options["channels"] = str(channels)
-    if dataset_options:
-        given["dataset_options"] = dataset_options
-    model_options = parse_key_values(model_option, flag="-o")
-    if model_options:
-        given["model_options"] = model_options
+    for key, values in (
+        ("model_options", parse_key_values(model_option, flag="-o")),
+        ("dataset_options", dataset_options),
+        ("trainer_options", parse_key_values(trainer_option, flag="-t")),
+    ):
+        if values:
+            given[key] = values
 
     if resume_dir is not None:
         from cnnkit.training.run import resume
@@ -154,3 +124,15 @@ def train_command(
     from cnnkit.training.run import train
 
     train(resolve_config(config, given))
+
+
+def _with_config_options(command: Any) -> Any:
+    """Replace ``**fields`` in the command's signature by the generated per-field options."""
+    signature = inspect.signature(command, eval_str=True)
+    fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    command.__signature__ = signature.replace(parameters=[*fixed, *_config_parameters()])
+    command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
+    return command
+
+
+app.command("train")(_with_config_options(guarded(train_command)))

@@ -12,8 +12,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from cnnkit.models.base import Architecture, fc_classifier, init_relu_cnn
-from cnnkit.protocols import Recipe
+from cnnkit.models.base import Architecture, fc_classifier, init_relu_cnn, sgd_recipe
 
 __all__ = ["AlexNetOptions", "ALEXNET"]
 
@@ -58,7 +57,7 @@ ALEXNET = Architecture(
     name="alexnet",
     summary="AlexNet (d2l 8.1): 96-256-384-384-256 convs, 4096-4096 FC with dropout; 224 px",
     paper="Krizhevsky, Sutskever & Hinton, ImageNet Classification with Deep CNNs, NeurIPS 2012",
-    recipe=Recipe(input_size=224, batch_size=128, lr=0.01, epochs=10),
+    recipe=sgd_recipe(224, lr=0.01, seed_lr=0.01),
     options=AlexNetOptions,
     builder=_alexnet,
 )

@@ -13,7 +13,7 @@ from cnnkit.errors import UsageError
 from cnnkit.options import parse_options
 from cnnkit.protocols import Recipe
 
-__all__ = ["Architecture", "NoOptions"]
+__all__ = ["Architecture", "NoOptions", "sgd_recipe"]
 
 O = TypeVar("O", bound=BaseModel)
 M = TypeVar("M", bound=nn.Module)
@@ -44,6 +44,21 @@ class Architecture(Generic[O]):
                 f"got {in_channels} and {num_classes}"
             )
         return self.builder(in_channels, num_classes, parse_options(self.name, self.options, options))
+
+
+def sgd_recipe(input_size: int, lr: float, seed_lr: float, **changes: Any) -> Recipe:
+    """The default recipe of the large built-ins: Nesterov SGD with one-cycle, weight decay 5e-4,
+    label smoothing 0.1, batch augmentation and normalised inputs; ``seed_lr`` is d2l's rate.
+
+    Without BatchNorm the large models need the lower peak (0.01) to stay finite; with it, 0.1.
+    ``changes`` set any other field (a LeNet changes several).
+    """
+    values: dict[str, Any] = dict(
+        input_size=input_size, batch_size=128, epochs=10, optimizer="sgd", lr=lr, momentum=0.9, nesterov=True,
+        weight_decay=5e-4, schedule="onecycle", warmup=0.0, label_smoothing=0.1, augment=True, normalize=True,
+        init="default", seed_lr=seed_lr, seed_optimizer="sgd",
+    )  # fmt: skip
+    return Recipe(**{**values, **changes})
 
 
 def fc_classifier(in_features: int, num_classes: int, dropout: float, hidden: int = 4096) -> nn.Sequential:

@@ -16,8 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from cnnkit.models.base import Architecture
-from cnnkit.protocols import Recipe
+from cnnkit.models.base import Architecture, sgd_recipe
 
 __all__ = ["DenseNetOptions", "DenseBlock", "DENSENET", "DENSENET121"]
 
@@ -125,7 +124,7 @@ DENSENET = Architecture(
     name="densenet",
     summary="DenseNet (d2l 8.7): 4 dense blocks of 4 BN-ReLU-conv layers, growth 32, halving transitions; 96 px",
     paper="Huang, Liu, van der Maaten & Weinberger, Densely Connected Convolutional Networks, CVPR 2017",
-    recipe=Recipe(input_size=96, batch_size=128, lr=0.01, epochs=10),
+    recipe=sgd_recipe(96, lr=0.1, seed_lr=0.01),
     options=DenseNetOptions,
     builder=lambda c, k, o: _densenet("densenet", c, k, o),
 )
@@ -134,7 +133,7 @@ DENSENET121 = Architecture(
     name="densenet121",
     summary="DenseNet-121 (torchvision, DenseNet-BC): bottleneck dense blocks 6-12-24-16, growth 32; 96 px",
     paper="Huang, Liu, van der Maaten & Weinberger, Densely Connected Convolutional Networks, CVPR 2017",
-    recipe=Recipe(input_size=96, batch_size=128, lr=0.01, epochs=10),
+    recipe=sgd_recipe(96, lr=0.1, seed_lr=0.01),
     options=DenseNetOptions,
     builder=lambda c, k, o: _densenet("densenet121", c, k, o),
 )

@@ -13,8 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from cnnkit.models.base import Architecture, init_relu_cnn
-from cnnkit.protocols import Recipe
+from cnnkit.models.base import Architecture, init_relu_cnn, sgd_recipe
 
 __all__ = ["GoogLeNetOptions", "Inception", "GOOGLENET"]
 
@@ -105,7 +104,7 @@ GOOGLENET = Architecture(
     name="googlenet",
     summary="GoogLeNet / Inception v1 (d2l 8.4): 9 Inception blocks in b1..b5, no aux heads, no BN; 96 px",
     paper="Szegedy et al., Going Deeper with Convolutions, CVPR 2015",
-    recipe=Recipe(input_size=96, batch_size=128, lr=0.01, epochs=10),
+    recipe=sgd_recipe(96, lr=0.01, seed_lr=0.01),
     options=GoogLeNetOptions,
     builder=_googlenet,
 )

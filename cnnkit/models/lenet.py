@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from cnnkit.models.base import Architecture, NoOptions
-from cnnkit.protocols import Recipe
+from cnnkit.models.base import Architecture, NoOptions, sgd_recipe
 
 # variant -> (first conv padding, batch norm, feature-map side at 28 px before flattening)
 _CONFIGS: dict[str, tuple[int, bool, int]] = {
@@ -48,7 +47,11 @@ LENET = Architecture(
     name="lenet",
     summary="LeNet-5 (d2l): sigmoid, average pooling, 120-84 fully connected; 28 px",
     paper="LeCun et al., Gradient-based learning applied to document recognition, Proc. IEEE 1998",
-    recipe=Recipe(input_size=28, batch_size=128, lr=0.1, epochs=10),
+    # Sigmoid LeNet crawls under plain SGD; AdamW with one-cycle gets it moving at once.
+    recipe=sgd_recipe(
+        28, lr=0.01, seed_lr=0.1, optimizer="adamw", momentum=0.0, nesterov=False, weight_decay=0.01,
+        label_smoothing=0.0, augment=False, init="xavier",
+    ),
     options=NoOptions,
     builder=lambda c, k, o: _lenet("lenet", c, k),
 )
@@ -57,7 +60,7 @@ LENET_BN = Architecture(
     name="lenet_bn",
     summary="LeNet with BatchNorm after each conv and hidden linear layer (d2l 8.5); 28 px",
     paper="Ioffe & Szegedy, Batch Normalization, ICML 2015 (on LeNet-5, LeCun et al. 1998)",
-    recipe=Recipe(input_size=28, batch_size=128, lr=0.1, epochs=10),
+    recipe=sgd_recipe(28, lr=0.2, seed_lr=0.1, label_smoothing=0.0, augment=False),
     options=NoOptions,
     builder=lambda c, k, o: _lenet("lenet_bn", c, k),
 )

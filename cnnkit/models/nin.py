@@ -11,8 +11,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from cnnkit.models.base import Architecture, init_relu_cnn
-from cnnkit.protocols import Recipe
+from cnnkit.models.base import Architecture, init_relu_cnn, sgd_recipe
 
 __all__ = ["NiNOptions", "NIN"]
 
@@ -72,7 +71,7 @@ NIN = Architecture(
     name="nin",
     summary="Network in Network (d2l 8.3): conv + 1x1-conv blocks, global average pooling, no FC; 224 px",
     paper="Lin, Chen & Yan, Network In Network, ICLR 2014",
-    recipe=Recipe(input_size=224, batch_size=128, lr=0.05, epochs=10),
+    recipe=sgd_recipe(224, lr=0.01, seed_lr=0.05),
     options=NiNOptions,
     builder=_nin,
 )

@@ -13,8 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from cnnkit.models.base import Architecture
-from cnnkit.protocols import Recipe
+from cnnkit.models.base import Architecture, sgd_recipe
 
 __all__ = ["ResNetOptions", "RESNET18", "RESNET50"]
 
@@ -49,7 +48,7 @@ RESNET18 = Architecture(
     name="resnet18",
     summary="ResNet-18 (d2l 8.6, torchvision layout): basic residual blocks [2,2,2,2]; 96 px",
     paper="He, Zhang, Ren & Sun, Deep Residual Learning for Image Recognition, CVPR 2016",
-    recipe=Recipe(input_size=96, batch_size=128, lr=0.01, epochs=10),
+    recipe=sgd_recipe(96, lr=0.1, seed_lr=0.01),
     options=ResNetOptions,
     builder=lambda c, k, o: _resnet("resnet18", c, k, o),
 )
@@ -58,7 +57,7 @@ RESNET50 = Architecture(
     name="resnet50",
     summary="ResNet-50 (torchvision): bottleneck residual blocks [3,4,6,3]; 96 px",
     paper="He, Zhang, Ren & Sun, Deep Residual Learning for Image Recognition, CVPR 2016",
-    recipe=Recipe(input_size=96, batch_size=128, lr=0.01, epochs=10),
+    recipe=sgd_recipe(96, lr=0.1, seed_lr=0.01),
     options=ResNetOptions,
     builder=lambda c, k, o: _resnet("resnet50", c, k, o),
 )

@@ -13,8 +13,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from cnnkit.models.base import Architecture, fc_classifier, init_relu_cnn
-from cnnkit.protocols import Recipe
+from cnnkit.models.base import Architecture, fc_classifier, init_relu_cnn, sgd_recipe
 
 __all__ = ["VGGOptions", "VGG11", "VGG16"]
 
@@ -68,7 +67,7 @@ VGG11 = Architecture(
     name="vgg11",
     summary="VGG-11 (d2l 8.2): 8 3x3 convs in 5 blocks, 4096-4096 FC; -o width=0.25 is d2l's; 224 px",
     paper="Simonyan & Zisserman, Very Deep Convolutional Networks for Large-Scale Image Recognition, ICLR 2015",
-    recipe=Recipe(input_size=224, batch_size=128, lr=0.01, epochs=10),
+    recipe=sgd_recipe(224, lr=0.01, seed_lr=0.01),
     options=VGGOptions,
     builder=lambda c, k, o: _vgg("vgg11", c, k, o),
 )
@@ -77,7 +76,7 @@ VGG16 = Architecture(
     name="vgg16",
     summary="VGG-16: 13 3x3 convs in 5 blocks, 4096-4096 FC; -o batch_norm=true for VGG-16-BN; 224 px",
     paper="Simonyan & Zisserman, Very Deep Convolutional Networks for Large-Scale Image Recognition, ICLR 2015",
-    recipe=Recipe(input_size=224, batch_size=128, lr=0.01, epochs=10),
+    recipe=sgd_recipe(224, lr=0.01, seed_lr=0.01),
     options=VGGOptions,
     builder=lambda c, k, o: _vgg("vgg16", c, k, o),
 )

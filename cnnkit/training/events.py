@@ -6,7 +6,7 @@ never does anything else; each feature of a run is a handler attached to the eve
 | handler        | listens to                                   | writes                        |
 |----------------|----------------------------------------------|-------------------------------|
 | RunFiles       | STARTED                                      | config.json, split_*.txt      |
-| Checkpointer   | STARTED, EPOCH_COMPLETED, INTERRUPTED        | best/last.safetensors, state  |
+| Checkpointer   | EPOCH_COMPLETED                              | best/last.safetensors, state  |
 | MetricsCSV     | EPOCH_COMPLETED                              | metrics.csv                   |
 | CurvesPlot     | EPOCH_COMPLETED                              | curves.png                    |
 | LogFile        | all but ITERATION_COMPLETED                  | log.txt                       |
@@ -14,7 +14,8 @@ never does anything else; each feature of a run is a handler attached to the eve
 | TensorBoard    | STARTED, EPOCH_COMPLETED, the ends           | tb/ event files               |
 | Console        | all                                          | progress bar or plain lines   |
 
-Every file except the append-only log.txt is replaced atomically (``atomic_write``).
+Every file except the append-only log.txt is replaced atomically (``atomic_write``). The run
+driver (:mod:`cnnkit.training.run`) attaches them, so every trainer gets all of them.
 """
 
 from __future__ import annotations
@@ -30,19 +31,21 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cnnkit.checkpoint import BEST_NAME, LAST_NAME, atomic_write, save_weights
 from cnnkit.errors import UsageError
 from cnnkit.training.state import STATE_NAME, save_state
 
 if TYPE_CHECKING:
-    from cnnkit.training.trainer import Run
+    from cnnkit.config import TrainConfig
+    from cnnkit.training.context import Run
 
 __all__ = [
     "Events",
     "EventBus",
     "Handler",
+    "Feature",
     "METRIC_COLUMNS",
     "default_handlers",
     "RunFiles",
@@ -69,18 +72,27 @@ class Events(Enum):
     """Once, before the first epoch (also when resuming)."""
     EPOCH_STARTED = "epoch_started"
     ITERATION_COMPLETED = "iteration_completed"
-    """Throttled: every ``StandardTrainer.report_every`` seconds, not every step."""
+    """Mid-epoch progress, as often as the trainer reports it (the standard one: every
+    ``report_every`` seconds, not every step)."""
     EPOCH_COMPLETED = "epoch_completed"
     """After the epoch's evaluation; ``run.metrics`` holds its row."""
     COMPLETED = "completed"
     """The run finished (all epochs, or stopped early)."""
     INTERRUPTED = "interrupted"
-    """Ctrl-C: save what must be saved, then the trainer raises InterruptedRun."""
+    """Ctrl-C; the driver then exits 130 (the files already hold the last completed epoch)."""
     FAILED = "failed"
     """An expected error (e.g. divergence) ends the run; ``run.error`` holds it."""
 
 
 Handler = Callable[["Run"], None]
+
+
+class Feature(Protocol):
+    """Something that hangs off a run's events (a checkpointer, a progress bar, ...)."""
+
+    def attach(self) -> list[tuple[Events, Handler]]:
+        """The (event, handler) pairs to register, in order."""
+        ...
 
 
 class EventBus:
@@ -148,54 +160,44 @@ class RunFiles:
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Let a save finish even if Ctrl-C is pressed again (main thread only: signals live there)."""
+def _sigint_deferred() -> Iterator[None]:
+    """Let a save finish when Ctrl-C is pressed during it, then raise KeyboardInterrupt (main thread
+    only: signals live there)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pressed: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 class Checkpointer:
-    """best.safetensors when test accuracy improves, last.safetensors and the resume point every epoch."""
+    """best.safetensors when test accuracy improves, last.safetensors and the resume point every epoch.
+
+    Only completed epochs are saved: after Ctrl-C or a kill, ``last`` and ``state`` are the last
+    completed epoch, labelled as such, and ``--resume`` redoes the epoch that was cut short.
+    """
 
     def attach(self) -> list[tuple[Events, Handler]]:
-        return [
-            (Events.STARTED, self.started),
-            (Events.EPOCH_COMPLETED, self.epoch_completed),
-            (Events.INTERRUPTED, self.interrupted),
-        ]
+        return [(Events.EPOCH_COMPLETED, self.epoch_completed)]
 
     def _save(self, run: Run, name: str) -> None:
         meta = run.meta.model_copy(update={"epoch": run.epoch, "metrics": dict(run.metrics)})
         save_weights(run.run_dir / name, run.model, meta)
 
-    def _save_state(self, run: Run) -> None:
-        save_state(run.run_dir / STATE_NAME, run.model, run.optimizer, run.state())
-        run.saved_epoch = run.epoch
-
-    def started(self, run: Run) -> None:
-        # A fresh run gets a resume point at once, so Ctrl-C in the first epoch can be resumed.
-        if run.epoch == 0:
-            self._save_state(run)
-        run.saved_epoch = run.epoch
-
     def epoch_completed(self, run: Run) -> None:
-        # State last: whatever state.safetensors says, best and last are at least as recent.
-        if run.best_epoch == run.epoch:
-            self._save(run, BEST_NAME)
-        self._save(run, LAST_NAME)
-        self._save_state(run)
-
-    def interrupted(self, run: Run) -> None:
-        with _sigint_ignored():
-            meta = run.meta.model_copy(update={"epoch": run.epoch - 1 if run.epoch_step else run.epoch})
-            meta = meta.model_copy(update={"metrics": dict(run.metrics)})
-            save_weights(run.run_dir / LAST_NAME, run.model, meta)
+        # Ctrl-C must not cut the three writes apart: whatever state says, best and last agree.
+        with _sigint_deferred():
+            if run.best_epoch == run.epoch:
+                self._save(run, BEST_NAME)
+            self._save(run, LAST_NAME)
+            save_state(run.run_dir / STATE_NAME, run.model, run.optimizer, run.state())
+            run.saved_epoch = run.epoch
 
 
 class MetricsCSV:
@@ -430,7 +432,7 @@ class Console:
     def iteration_completed(self, run: Run) -> None:
         if self._progress is not None:
             rate = run.seen / max(time.perf_counter() - self._started, 1e-9)
-            self._progress.update(self._task, completed=run.seen, rate=rate, loss=run.running_loss())
+            self._progress.update(self._task, completed=run.seen, rate=rate, loss=run.loss)
 
     def epoch_completed(self, run: Run) -> None:
         if self._progress is not None:
@@ -449,15 +451,15 @@ class Console:
             self._progress = None
 
 
-def default_handlers(run: Run) -> list[tuple[Events, Handler]]:
-    """cnnkit's handlers for ``run.config``, in the order they must run (files before the console)."""
-    config = run.config
-    features: list[Any] = [RunFiles(), Checkpointer(), MetricsCSV(), CurvesPlot(), LogFile()]
+def default_handlers(config: TrainConfig) -> list[Feature]:
+    """cnnkit's handlers for ``config``, in the order they must run (files before the console).
+
+    Made before the run directory exists, so a missing optional package is reported first.
+    """
+    features: list[Feature] = [RunFiles(), Checkpointer(), MetricsCSV(), CurvesPlot(), LogFile()]
     if config.patience is not None:
         features.append(EarlyStopping(config.patience))
     if config.tensorboard:
         features.append(TensorBoard())
     features.append(Console(config.quiet))
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    return [pair for feature in features for pair in feature.attach()]
-
+    return features

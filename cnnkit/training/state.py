@@ -88,10 +88,13 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> d
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def save_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState) -> None:
+def save_state(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: TrainerState
+) -> None:
     """Write the resume point atomically (model, optimiser and RNG tensors + JSON bookkeeping)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
-    optim_tensors, optim_rest = _split_optimizer(optimizer.state_dict())
+    empty: dict[str, Any] = {"state": {}, "param_groups": []}
+    optim_tensors, optim_rest = _split_optimizer(optimizer.state_dict() if optimizer is not None else empty)
     tensors.update(optim_tensors)
     tensors.update({f"rng.{k}": v for k, v in capture_rng().items()})
     meta = {
@@ -134,6 +137,6 @@ def load_state(path: str | Path) -> TrainerState:
         best_epoch=int(meta["best_epoch"]),
         history=list(meta["history"]),
         model=groups["model"],
-        optimizer=_join_optimizer(groups["optimizer"], meta["optimizer"]),
+        optimizer=_join_optimizer(groups["optimizer"], meta["optimizer"]) if meta["optimizer"]["param_groups"] else {},
         rng=groups["rng"],
     )
