@@ -18,7 +18,8 @@ import json
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import ConfigDict, Field, ValidationError
 
@@ -33,6 +34,7 @@ __all__ = [
     "read_config_file",
     "resolve_config",
     "describe_config",
+    "config_reference",
 ]
 
 
@@ -205,4 +207,46 @@ def describe_config(config: TrainConfig) -> str:
         f"{c.model}{options} on {c.dataset} · recipe {c.recipe}: {c.epochs} epochs · batch {c.batch_size} · "
         f"{opt} · {sched} · {' · '.join(extras) + ' · ' if extras else ''}{c.input_size} px · seed {c.seed}"
         + (" · deterministic" if c.deterministic else "")
+    )
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return " \\| ".join(f"'{choice}'" for choice in get_args(annotation))
+    if get_origin(annotation) in (Union, UnionType):
+        return " or ".join(_type_name(arg) for arg in get_args(annotation))
+    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+def config_reference() -> str:
+    """``docs/config.md``: every TrainConfig field with its option, type, default and description."""
+    rows = []
+    for name, field in TrainConfig.model_fields.items():
+        if name == "model":
+            option = "MODEL (argument)"
+        elif name in ("model_options", "dataset_options", "trainer_options"):
+            option = {"model_options": "-o", "dataset_options": "-d", "trainer_options": "-t"}[name] + " key=value"
+        else:
+            option = "--" + name.replace("_", "-")
+        if name in RECIPE_KEYS:
+            default = "from the recipe"
+        elif field.is_required():
+            default = "required"
+        else:
+            default = repr(field.get_default(call_default_factory=True))
+        kind = _type_name(field.annotation)
+        rows.append(f"| `{name}` | `{option}` | {kind} | {default} | {field.description} |")
+    return "\n".join(
+        [
+            "# Training config reference",
+            "",
+            "Generated from `cnnkit.config.TrainConfig` by `make docs`; a test keeps it current. Each key",
+            "is a `cnnkit train` option and a key of a `--config` TOML/JSON file. Values come from the",
+            "model's recipe, then the file, then the command line.",
+            "",
+            "| key | option | type | default | meaning |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
     )

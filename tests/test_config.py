@@ -113,3 +113,54 @@ def test_cli_bad_config_key_exits_2_with_one_line(runner, tmp_path: Path) -> Non
 def test_cli_bad_option_value_exits_2(runner) -> None:  # type: ignore[no-untyped-def]
     result = runner.invoke(app, ["train", "lenet", "--label-smoothing", "1.5"])
     assert result.exit_code == 2 and "label_smoothing = 1.5" in result.output
+
+
+FANCY_PLUGIN = """
+    from cnnkit.models import Architecture, NoOptions
+    from cnnkit.protocols import Recipe
+    from torch import nn
+    FANCY = Architecture(
+        name="fancy", summary="a plugin net with its own recipe", paper="none",
+        recipe=Recipe(input_size=40, batch_size=48, epochs=7, optimizer="sgd", lr=0.3, momentum=0.8, nesterov=True,
+                      weight_decay=1e-4, schedule="onecycle", warmup=0.5, label_smoothing=0.05, augment=True,
+                      normalize=False, init="xavier", seed_lr=0.002, seed_optimizer="adamw"),
+        options=NoOptions, builder=lambda c, k, o: nn.Sequential(nn.Flatten(), nn.LazyLinear(k)),
+    )
+"""
+
+
+@pytest.fixture
+def fancy_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    import sys
+
+    from test_registry import make_distribution
+
+    make_distribution(tmp_path, "cnnkit-fancy", {"fancy": "fakeplug_fancy:FANCY"}, {"fakeplug_fancy": FANCY_PLUGIN})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    MODELS.refresh()
+    yield MODELS.get("fancy")
+    sys.modules.pop("fakeplug_fancy", None)
+    monkeypatch.undo()
+    MODELS.refresh()
+
+
+def test_a_plugin_models_recipe_is_used_as_written(fancy_plugin) -> None:  # type: ignore[no-untyped-def]
+    config = resolve_config(overrides={"model": "fancy"})
+    for key in RECIPE_KEYS:
+        assert getattr(config, key) == getattr(fancy_plugin.recipe, key), key
+
+
+def test_d2l_recipe_of_a_plugin_honours_its_seed_optimizer(fancy_plugin) -> None:  # type: ignore[no-untyped-def]
+    config = resolve_config(overrides={"model": "fancy", "recipe": "d2l"})
+    assert (config.optimizer, config.lr, config.batch_size, config.input_size, config.epochs) == ("adamw", 0.002, 48, 40, 7)
+    assert (config.schedule, config.weight_decay, config.augment, config.normalize) == ("constant", 0.0, False, False)
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_builtin_recipes_come_from_their_specs(name: str) -> None:
+    spec = MODELS.get(name)
+    default = resolve_config(overrides={"model": name})
+    d2l = resolve_config(overrides={"model": name, "recipe": "d2l"})
+    for key in RECIPE_KEYS:
+        assert getattr(default, key) == getattr(spec.recipe, key), key
+    assert (d2l.lr, d2l.optimizer, d2l.init) == (spec.recipe.seed_lr or spec.recipe.lr, spec.recipe.seed_optimizer, "xavier")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnkit.errors import PluginLoadError, UnknownNameError
+from cnnkit.errors import PluginLoadError, UnknownNameError, UsageError
 from cnnkit.protocols import ModelSpec
 from cnnkit.registry import MODELS, Registry
 
@@ -126,3 +126,26 @@ def test_disable_autoload_keeps_builtins_only(
     monkeypatch.setenv("CNNKIT_PLUGINS", "fake-plugin")
     fresh_models.refresh()
     assert "tinynet" in fresh_models.names()
+
+
+def test_a_disabled_plugin_is_named_in_the_unknown_name_error(
+    fresh_models: Registry[ModelSpec], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_distribution(tmp_path, "fake-plugin", {"tinynet": "fakeplug_good:TINY"}, {"fakeplug_good": GOOD_PLUGIN})
+    monkeypatch.setenv("CNNKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
+    fresh_models.refresh()
+    assert "tinynet" not in fresh_models.names()
+    with pytest.raises(UsageError) as caught:
+        fresh_models.get("tinynet")
+    message = caught.value.format_message()
+    assert "installed but disabled" in message and "CNNKIT_PLUGINS=fake-plugin" in message
+    monkeypatch.setenv("CNNKIT_PLUGINS", "fake-plugin")
+    fresh_models.refresh()
+    assert fresh_models.get("tinynet").name == "tinynet"
+
+
+def test_a_class_entry_gives_a_fresh_object_each_time() -> None:
+    from cnnkit.registry import TRAINERS
+
+    first, second = TRAINERS.get("standard"), TRAINERS.get("standard")
+    assert first is not second and type(first) is type(second)

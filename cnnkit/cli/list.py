@@ -29,6 +29,12 @@ def _details(registry: Registry[Any], name: str) -> dict[str, Any]:
     classes = getattr(obj, "classes", None)
     if classes:
         row["classes"] = len(classes)
+    schema = getattr(obj, "options", None)
+    if schema is not None and hasattr(schema, "model_fields"):
+        row["options"] = {
+            key: {"default": field.default, "description": field.description or ""}
+            for key, field in schema.model_fields.items()
+        }
     return row
 
 
@@ -53,7 +59,9 @@ def _show(registry: Registry[Any], pattern: str | None, long: bool, fmt: Format)
         return
     width = max(len(r["name"]) for r in rows)
     for r in rows:
+        options = ", ".join(f"{k}={v['default']!r}" for k, v in r.get("options", {}).items())
         extra = f"  {r.get('input_size', '')!s:>4}  {r.get('summary', '')}" if long else ""
+        extra += f" (options: {options})" if long and options else ""
         provider = "" if r["provider"] == "cnnkit" else f"  [{r['provider']} {r['version']}]"
         typer.echo(f"{r['name']:<{width}}{extra}{provider}".rstrip())
 

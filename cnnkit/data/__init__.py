@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.data.batches import BatchLoader
+from cnnkit.data.cache import cached_splits, dataset_statistics, source_key
 from cnnkit.protocols import DatasetSplits
 
-__all__ = ["BatchLoader", "load_dataset"]
+__all__ = ["BatchLoader", "cached_splits", "dataset_statistics", "load_dataset", "source_key"]
 
 
 def load_dataset(name: str, data: str | Path | None = None, **options: Any) -> DatasetSplits:

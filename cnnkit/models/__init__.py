@@ -1,5 +1,5 @@
 """Built-in architectures, one family per module; each is registered in pyproject.toml."""
 
-from cnnkit.models.base import Architecture, NoOptions
+from cnnkit.models.base import Architecture, NoOptions, sgd_recipe
 
-__all__ = ["Architecture", "NoOptions"]
+__all__ = ["Architecture", "NoOptions", "sgd_recipe"]

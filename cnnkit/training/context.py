@@ -174,7 +174,7 @@ class Run:
         row = {
             "epoch": self.epoch,
             **{key: float(metrics[key]) for key in REQUIRED_METRICS},
-            "lr": float(metrics.get("lr", self.lr)),
+            "lr": float(metrics.get("lr", self._current_lr())),
             "examples_per_s": float(metrics.get("examples_per_s", seen / max(seconds, 1e-9))),
             "epoch_seconds": seconds,
         }
@@ -184,6 +184,11 @@ class Run:
         if row["test_acc"] > self.best_acc:
             self.best_acc, self.best_epoch = row["test_acc"], self.epoch
         self.events.emit(Events.EPOCH_COMPLETED, self)
+
+    def _current_lr(self) -> float:
+        if math.isfinite(self.lr) or self.optimizer is None or not self.optimizer.param_groups:
+            return self.lr
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def loader(self, split: Literal["train", "test"]) -> BatchLoader:
         """Batches of ``split`` prepared on the device at the config's input size and normalisation;

@@ -1,0 +1,135 @@
+"""docs/plugins.md is the plugin author's whole contract: every public protocol member is in it, and
+its three worked examples, installed as a real distribution, train end to end."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import cnnkit.protocols as protocols
+from cnnkit.cli.app import app
+from cnnkit.registry import DATASETS, MODELS, TRAINERS
+from cnnkit.testing import check_dataset_spec, check_model_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = (ROOT / "docs" / "plugins.md").read_text(encoding="utf-8")
+PROTOCOLS = ("ModelSpec", "DatasetSpec", "Trainer")
+RUN_MEMBERS = ("start", "epochs", "loader", "step", "lr", "iteration_completed", "evaluate", "epoch_completed",
+               "result", "config", "device", "amp_dtype", "channels_last", "options", "run_dir")  # fmt: skip
+
+
+def documented(name: str) -> bool:
+    """``name`` appears inside backticks (alone, as a call, or as ``run.name``)."""
+    return re.search(rf"`[^`\n]*\b{re.escape(name)}\b[^`\n]*`", DOCS) is not None
+
+
+def protocol_members(class_name: str) -> list[str]:
+    tree = ast.parse(Path(protocols.__file__).read_text(encoding="utf-8"))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    names = []
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.append(node.target.id)
+        elif isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+            names.append(node.name)
+    return names
+
+
+def undocumented_in_code(class_name: str) -> list[str]:
+    """Protocol members with no docstring in cnnkit/protocols.py (an attribute's is the string after it)."""
+    tree = ast.parse(Path(protocols.__file__).read_text(encoding="utf-8"))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    missing = []
+    for i, node in enumerate(cls.body):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            after = cls.body[i + 1] if i + 1 < len(cls.body) else None
+            if not (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)):
+                missing.append(node.target.id)
+        elif isinstance(node, ast.FunctionDef) and not ast.get_docstring(node):
+            missing.append(node.name)
+    return missing
+
+
+@pytest.mark.parametrize("class_name", PROTOCOLS)
+def test_every_protocol_member_is_documented_in_code_and_docs(class_name: str) -> None:
+    members = protocol_members(class_name)
+    assert members, class_name
+    assert undocumented_in_code(class_name) == []
+    assert [m for m in members if not documented(m)] == []
+
+
+@pytest.mark.parametrize("model", ["Recipe", "DatasetSplits", "ImageTensors", "RunResult"])
+def test_every_field_of_the_data_types_is_documented(model: str) -> None:
+    if model == "Recipe":
+        fields = list(protocols.Recipe.model_fields)
+    elif model == "RunResult":
+        from cnnkit.training.context import RunResult
+
+        fields = list(RunResult.__dataclass_fields__)
+    else:
+        fields = list(getattr(protocols, model).__dataclass_fields__)
+    assert [f for f in fields if not documented(f)] == []
+
+
+def test_what_a_trainer_uses_of_run_is_documented() -> None:
+    from cnnkit.training.context import Run
+
+    for name in RUN_MEMBERS:
+        assert hasattr(Run, name) or name in Run.__dataclass_fields__, name
+        assert documented(f"run.{name}"), name
+
+
+def code_block(marker: str) -> str:
+    for block in re.findall(r"```python\n(.*?)```", DOCS, flags=re.S):
+        if block.startswith(marker):
+            return block
+    raise AssertionError(f"no python block starting with {marker!r} in docs/plugins.md")
+
+
+@pytest.fixture
+def docs_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The three examples of docs/plugins.md, installed as the distribution cnnkit-myplugin."""
+    package = tmp_path / "site" / "cnnkit_myplugin"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    for name in ("models", "data", "trainer"):
+        (package / f"{name}.py").write_text(code_block(f"# cnnkit_myplugin/{name}.py"))
+    info = tmp_path / "site" / "cnnkit_myplugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cnnkit-myplugin\nVersion: 0.1\n")
+    toml = re.search(r"```toml\n# pyproject.toml of your distribution\n(.*?)```", DOCS, flags=re.S)
+    assert toml is not None
+    groups = tomllib.loads(toml.group(1))["project"]["entry-points"]
+    (info / "entry_points.txt").write_text(
+        "".join(f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in names.items()) for group, names in groups.items())
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for registry in (MODELS, DATASETS, TRAINERS):
+        registry.refresh()
+    yield tmp_path
+    for module in [m for m in sys.modules if m.startswith("cnnkit_myplugin")]:
+        del sys.modules[module]
+    monkeypatch.undo()
+    for registry in (MODELS, DATASETS, TRAINERS):
+        registry.refresh()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_worked_examples_install_and_train_end_to_end(runner, docs_plugin: Path) -> None:  # type: ignore[no-untyped-def]
+    check_model_spec(MODELS.get("mynet"), input_size=16)
+    check_dataset_spec(DATASETS.get("stripes"), size=64)
+    out = docs_plugin / "run"
+    result = runner.invoke(app, [
+        "train", "mynet", "--dataset", "stripes", "-d", "size=96", "--trainer", "plain", "-t", "clip=1.0",
+        "--epochs", "2", "--batch-size", "16", "--input-size", "16", "--device", "cpu", "--out", str(out), "-q",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (out / "best.safetensors").is_file() and len((out / "metrics.csv").read_text().splitlines()) == 3
+    refused = runner.invoke(app, ["train", "mynet", "--dataset", "stripes", "--data", "x", "--trainer", "plain"])
+    assert refused.exit_code == 2 and "drop --data" in refused.output
