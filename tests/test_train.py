@@ -15,9 +15,8 @@ from cnnkit.checkpoint import load_weights
 from cnnkit.config import TrainConfig, resolve_config
 from cnnkit.errors import DivergedError, InterruptedRun, UsageError
 from cnnkit.protocols import DatasetSplits, ImageTensors
-from cnnkit.training.events import METRIC_COLUMNS, Events
 from cnnkit.training.context import Run
-from cnnkit.training.events import Handler
+from cnnkit.training.events import METRIC_COLUMNS, Events, Handler
 from cnnkit.training.run import resume, train
 
 TIMING = {"examples_per_s", "epoch_seconds"}
