@@ -6,14 +6,16 @@ STAMP  := $(VENV)/.cnnkit-installed
 # Real data: Debian's dataset-fashion-mnist package, else ../shared/datasets beside a checkout.
 export CNNKIT_DATA ?= $(firstword $(wildcard ../shared/datasets) $(HOME)/.cache/cnnkit/datasets)
 
-.PHONY: demo test bench docs lint clean install
+.PHONY: demo test bench gpu-check docs lint clean install
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Every package under plugins/ is installed editable too, so `make test` runs their tests.
+$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	for p in plugins/*/; do if [ -f "$$p/pyproject.toml" ]; then $(BIN)/python -m pip install --quiet -e "$$p" || exit 1; fi; done
 	touch $@
 
 demo: $(STAMP)
@@ -26,6 +28,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/loop.py
 
+# On a CUDA machine: pytest -m cuda, loop benchmarks, a timed train, 10-epoch accuracy runs, in at
+# most 8 minutes; writes bench/results/gpu-check.md. Without CUDA: a short dry run of the same code.
+gpu-check: $(STAMP)
+	$(BIN)/python scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
 # Static checks for developers (not part of `make test`): pyflakes-class errors, imports, types.
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -35,6 +42,7 @@ lint: $(STAMP)
 # The CLI reference is generated from the commands' own help.
 docs: $(STAMP)
 	$(BIN)/python -m typer cnnkit.cli.app utils docs --name cnnkit --title "cnnkit command-line reference" --output docs/cli.md
+	$(BIN)/python -c "from cnnkit.config import config_reference; print(config_reference(), end='')" > docs/config.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

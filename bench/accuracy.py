@@ -3,18 +3,35 @@
     python bench/accuracy.py lenet_bn --recipe default --epochs 10 --seeds 3 --target 0.89
     python bench/accuracy.py lenet --recipe d2l
 
-Trains with cnnkit's own trainer (exactly what ``cnnkit train`` runs) into a temporary folder and
-prints one line per seed, then the median final accuracy and the median time to the target.
+Trains with cnnkit's own run driver (exactly what ``cnnkit train`` runs) into a temporary folder, or
+into ``--out DIR/seed<N>`` to keep the runs (their ``metrics.csv`` grows epoch by epoch, so a run
+stopped early still shows how far it got), and prints one line per seed, then the median final
+accuracy and the median time to the target. ``--json PATH`` also writes the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+
+def _write_json(path: str, figures: dict[str, Any]) -> None:
+    """``figures`` as JSON at ``path``, atomically (a reader never sees half a file)."""
+    from cnnkit.checkpoint import atomic_write
+
+    text = json.dumps(figures, indent=2) + "\n"
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    atomic_write(path, write)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,20 +45,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--data", default=None, help="dataset folder (default: its search path / $CNNKIT_DATA)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                        help="model option, e.g. -o width=0.25")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other config key, e.g. --set lr=0.05 --set label_smoothing=0.1")  # fmt: skip
+    parser.add_argument("--out", default=None, help="keep the runs in OUT/seed<N> (default: a temporary folder)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures to PATH as JSON")
     args = parser.parse_args(argv)
 
     import torch
 
     from cnnkit.config import describe_config, resolve_config
     from cnnkit.data import load_dataset
-    from cnnkit.training.run import build_model, typed_options
-    from cnnkit.training.trainer import StandardTrainer
+    from cnnkit.training.run import train, typed_options
 
     extra = dict(pair.split("=", 1) for pair in args.set)
     base = {"model": args.model, "recipe": args.recipe, "epochs": args.epochs, "dataset": args.dataset,
             "device": args.device, "quiet": True, **extra}  # fmt: skip
+    if args.options:
+        base["model_options"] = dict(pair.split("=", 1) for pair in args.options)
     if args.data:
         base["data"] = args.data
     config = typed_options(resolve_config(overrides=base))
@@ -50,11 +72,13 @@ def main(argv: list[str] | None = None) -> int:
 
     finals: list[float] = []
     to_target: list[float] = []
+    seeds: list[dict[str, Any]] = []
     for seed in range(args.seeds):
-        with tempfile.TemporaryDirectory() as folder:
-            run_config = config.model_copy(update={"seed": seed, "out": str(Path(folder) / "run")})
+        with contextlib.ExitStack() as stack:
+            folder = args.out or stack.enter_context(tempfile.TemporaryDirectory())
+            run_config = config.model_copy(update={"seed": seed, "out": str(Path(folder) / f"seed{seed}")})
             started = time.perf_counter()
-            result = StandardTrainer().fit(build_model(run_config, data), data, run_config)
+            result = train(run_config, data=data)
             wall = time.perf_counter() - started
         accs = [row["test_acc"] for row in result.history]
         elapsed = 0.0
@@ -67,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         finals.append(accs[-1])
         if reached is not None:
             to_target.append(reached)
+        seeds.append({"seed": seed, "test_acc": accs, "final": accs[-1], "best": result.best_acc,
+                      "examples_per_s": result.examples_per_s, "seconds": wall, "to_target": reached})  # fmt: skip
         target = f"  target {args.target} at {reached:.0f}s" if reached is not None else ""
         print(
             f"seed {seed}: test acc per epoch {' '.join(f'{a:.4f}' for a in accs)}  final {accs[-1]:.4f}  "
@@ -80,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             if to_target
             else f"; {args.target} not reached"
         )
-    print(line)
+    print(line, flush=True)
+    if args.json:
+        figures = {"model": args.model, "options": args.options, "recipe": args.recipe, "epochs": args.epochs,
+                   "target": args.target, "median_final": statistics.median(finals), "seeds": seeds}  # fmt: skip
+        _write_json(args.json, figures)
     return 0
 
 
