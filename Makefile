@@ -14,12 +14,13 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,onnx]'
 	for p in plugins/*/; do if [ -f "$$p/pyproject.toml" ]; then $(BIN)/python -m pip install --quiet -e "$$p" || exit 1; fi; done
 	touch $@
 
+# The demo tells the user's own CNNKIT_DATA (origin: environment) from the default set above (file).
 demo: $(STAMP)
-	bash scripts/demo.sh
+	CNNKIT_DATA_ORIGIN='$(origin CNNKIT_DATA)' bash scripts/demo.sh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -27,6 +28,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/loop.py
+	$(BIN)/python bench/onnx_latency.py
 
 # On a CUDA machine: pytest -m cuda, loop benchmarks, a timed train, 10-epoch accuracy runs, in at
 # most 8 minutes; writes bench/results/gpu-check.md. Without CUDA: a short dry run of the same code.

@@ -9,9 +9,12 @@ and normalisation it was trained with, so ``cnnkit eval``/``predict``/``export``
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -81,7 +84,7 @@ class WeightsMeta(BaseModel):
     """Per-channel mean on the 0..1 scale; None: inputs are only scaled to 0..1 (the d2l recipe)."""
     std: list[float] | None = None
     epoch: int | None = None
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float | None] = {}
     """E.g. ``{"test_acc": 0.91}`` at that epoch."""
     weights_dtype: str = "float32"
     """Floating dtype the tensors are stored in (``float16`` after ``cnnkit export --half``);
@@ -105,22 +108,76 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
     Readers see either the old file or the complete new one, never a half-written file, even if
     the process is killed. On any failure (KeyboardInterrupt included) the temp file is removed
-    and ``path`` is left as it was.
+    and ``path`` is left as it was. The folder must exist: callers that own a folder (a run
+    directory, the cache) create it; an explicit output file never gets parents made up for it.
+
+    The new file gets the mode a plain ``open(path, "w")`` would give it: the existing file's
+    mode, else 0o666 less the umask. A failure of the operating system (disk full, file too
+    large, read-only, permission), whichever library's writer hit it, is raised as an
+    :class:`OSError` carrying its errno and ``path`` (never the temp name), so the CLI can print
+    one line naming the file.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = target.parent
+    if not folder.is_dir():
+        if folder.exists():
+            raise OSError(errno.ENOTDIR, f"cannot write {target.name} into something that is not a folder", str(folder))
+        raise OSError(errno.ENOENT, f"no such folder to write {target.name} into (create it first)", str(folder))
     # Same folder, so os.replace is a rename within one filesystem; hidden, so globs skip it.
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        mode = 0o666 & ~_umask()
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        # Some writers (safetensors) create their file 0600; the result must look like any other file.
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        failure = _os_failure(exc, target, tmp)
+        if failure is not None:
+            raise failure from exc
         raise
-    _fsync_dir(target.parent)
+    _fsync_dir(folder)
+
+
+_OS_ERROR_IN_MESSAGE = re.compile(r"\(os error (\d+)\)")
+
+
+def _os_failure(exc: BaseException, target: Path, tmp: Path) -> OSError | None:
+    """The OSError (errno, message, ``target``) behind a failed write; None when it was no OS failure.
+
+    safetensors wraps the io error in its own SafetensorError ("... (os error 28)"); Python's own
+    write errors carry no file name, or the temp file's.
+    """
+    if isinstance(exc, OSError):
+        if exc.filename not in (None, str(tmp), tmp):
+            return None  # already names the real file (e.g. a source that could not be read)
+        code = exc.errno
+    else:
+        match = _OS_ERROR_IN_MESSAGE.search(str(exc)) if isinstance(exc, Exception) else None
+        if match is None:
+            return None
+        code = int(match[1])
+    if code is None:
+        return OSError(None, f"cannot write {target}: {exc}", str(target))
+    return OSError(code, os.strerror(code), str(target))
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the system allows."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    current = os.umask(0o022)  # elsewhere, the only way to read it is to set it
+    os.umask(current)
+    return current
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -150,8 +207,11 @@ def save_weights(path: str | Path, model: nn.Module, meta: WeightsMeta) -> None:
     """Write ``model``'s state dict and ``meta`` to a safetensors file, atomically.
 
     Tensors are saved contiguous and on the CPU; tied (shared) tensors are stored once, their
-    other names recorded in the metadata so :func:`load_weights` restores them.
+    other names recorded in the metadata so :func:`load_weights` restores them. The folder is
+    created when missing (library callers save into fresh run folders); ``cnnkit export``
+    checks its ``--out`` folder first (:func:`export_weights`).
     """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     model = _unwrap(model)
     meta = meta.model_copy(update={"weights_dtype": _float_dtype(model)})
     metadata = {META_KEY: meta.model_dump_json()}
@@ -202,9 +262,7 @@ def read_meta(path: str | Path) -> WeightsMeta:
     try:
         return WeightsMeta.model_validate(json.loads(raw))
     except (ValueError, ValidationError) as exc:
-        raise WeightsError(
-            f"weights {file} have corrupt cnnkit metadata ({_reason(exc)}); re-export them"
-        ) from exc
+        raise WeightsError(f"weights {file} have corrupt cnnkit metadata ({_reason(exc)}); re-export them") from exc
 
 
 def _build(file: Path, meta: WeightsMeta) -> nn.Module:
@@ -214,6 +272,14 @@ def _build(file: Path, meta: WeightsMeta) -> nn.Module:
     try:
         spec = MODELS.get(meta.model)
     except UnknownNameError as exc:
+        provider = meta.model_distribution
+        if provider and provider != "cnnkit":
+            # The file says which plugin registered the model: name it, with how to get it.
+            saved_by = f" {meta.model_distribution_version}" if meta.model_distribution_version else ""
+            raise WeightsError(
+                f"weights {file} were saved from model '{meta.model}' of {provider}{saved_by}, which is not "
+                f"installed here; install {provider} (pip install {provider})"
+            ) from exc
         hint = closest(meta.model, exc.known)
         similar = f" (similar: {', '.join(hint)})" if hint else ""
         raise WeightsError(
@@ -293,7 +359,7 @@ def export_weights(source: str | Path, out: str | Path, half: bool = False, forc
     """Copy a run's weights into one standalone file with the same metadata (float16 with ``half``).
 
     The source is loaded and checked against its model first, so a bad file is never exported.
-    An existing ``out`` is kept unless ``force``.
+    An existing ``out`` is kept unless ``force``; its folder must exist (OSError naming it).
     """
     target = Path(out)
     if target.suffix != ".safetensors":
@@ -302,6 +368,12 @@ def export_weights(source: str | Path, out: str | Path, half: bool = False, forc
         raise UsageError(f"--out {target} is a folder; name the file, e.g. --out {target / 'model.safetensors'}")
     if target.exists() and not force:
         raise UsageError(f"{target} already exists; pass --force to overwrite it or choose another --out")
+    if not target.parent.is_dir():
+        # An explicit output file never gets folders made up for it: a typo would scatter files.
+        code, what = (errno.ENOTDIR, "is not a folder") if target.parent.exists() else (errno.ENOENT, "does not exist")
+        raise OSError(
+            code, f"the folder of --out {target.name} {what}; create it first or fix the path", str(target.parent)
+        )
     model, meta = load_weights(source)
     if half:
         model = model.half()

@@ -76,6 +76,20 @@ class TrainConfig(Hyperparameters):
     channels_last: bool | None = Field(None, description="channels_last memory format; None: on for CUDA.")
     compile: bool = Field(False, description="torch.compile the model before training.")
 
+    # -- several processes (torchrun or --nproc); batch_size is the global batch ---------------
+    nproc: int | None = Field(
+        None, gt=0,
+        description="Train with this many processes on this machine, started by torch's elastic launcher "
+        "(as torchrun does); batch_size stays the global batch. None: one process, or as torchrun started it.",
+    )  # fmt: skip
+    sync_bn: bool = Field(
+        False, description="Distributed runs: SyncBatchNorm, statistics over the global batch (CUDA only); "
+        "off: each process normalises with its own share's statistics.",
+    )  # fmt: skip
+    dist_timeout: float = Field(
+        300.0, gt=0, description="Distributed runs: seconds a process waits for the others before the job fails."
+    )
+
     # -- the run directory and what hangs off the loop ------------------------------------------
     patience: int | None = Field(
         None, gt=0, description="Stop after this many epochs without a better test accuracy (None: never)."
@@ -89,7 +103,9 @@ class TrainConfig(Hyperparameters):
 RECIPE_KEYS: tuple[str, ...] = HYPERPARAMETER_KEYS
 """The keys a recipe fills (everything a file or the command line may still override)."""
 
-RESUMABLE_KEYS: tuple[str, ...] = ("epochs", "device", "quiet", "tensorboard", "patience", "compile")
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "epochs", "device", "quiet", "tensorboard", "patience", "compile", "nproc", "dist_timeout",
+)  # fmt: skip
 """What ``--resume`` may change: nothing that would make the continued run differ from the saved one."""
 
 

@@ -10,6 +10,7 @@ is the whole of ``cnnkit predict``.
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 
 from cnnkit.checkpoint import WeightsMeta, atomic_write, load_weights, resolve_weights
 from cnnkit.errors import DataError, UsageError, WeightsError
+from cnnkit.prediction import Prediction, decode_images, prepare_batch, rank
 
 if TYPE_CHECKING:
     from cnnkit.protocols import DatasetSplits
@@ -31,6 +33,7 @@ __all__ = [
     "WeightsEvaluation",
     "evaluate_weights",
     "check_fit",
+    "recorded_data_folder",
     "write_confusion_csv",
     "plot_confusion",
     "Prediction",
@@ -205,6 +208,23 @@ class WeightsEvaluation:
         }
 
 
+def recorded_data_folder(weights: Path, meta: WeightsMeta) -> Path | None:
+    """The folder the weights' dataset was loaded from when they were trained, or None if unknown.
+
+    Newer weights record it (``meta.data``); for older ones the run directory's ``config.json``
+    beside them does (``--data``, else the folder the dataset was found in).
+    """
+    if meta.data:
+        return Path(meta.data)
+    config = weights.parent / "config.json"
+    try:
+        record = json.loads(config.read_text(encoding="utf-8"))
+        folder = record.get("config", {}).get("data") or record.get("environment", {}).get("dataset_source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(folder) if isinstance(folder, str) and folder else None
+
+
 def evaluate_weights(
     weights: str | Path,
     dataset: str | None = None,
@@ -218,7 +238,9 @@ def evaluate_weights(
 
     The model is rebuilt from the file's metadata alone. The dataset defaults to the one the
     weights were trained on, with the same loading options (so a seeded random split is
-    reproduced); ``dataset_options`` override single options. Images are resized to the
+    reproduced); ``dataset_options`` override single options. The files come from ``data``,
+    else from the folder the weights were trained from (:func:`recorded_data_folder`) while it
+    exists, else from the dataset's default search. Images are resized to the
     training input size and normalised exactly as in training.
     """
     from cnnkit import data as datasets
@@ -242,7 +264,17 @@ def evaluate_weights(
     # The recorded options only describe the recorded dataset; another one starts from defaults.
     options = dict(meta.dataset_options) if name == meta.dataset else {}
     options.update(dataset_options or {})
-    splits = datasets.load_dataset(name, Path(data) if data is not None else None, **options)
+    recorded = recorded_data_folder(file, meta) if name == meta.dataset else None
+    if data is None and recorded is not None and recorded.is_dir():
+        data = recorded  # where it was trained from: a run directory alone is enough to evaluate it
+    try:
+        splits = datasets.load_dataset(name, Path(data) if data is not None else None, **options)
+    except DataError as exc:
+        if data is not None or recorded is None:
+            raise
+        raise DataError(
+            f"{exc.message} (the weights were trained on {recorded}, which no longer exists)"
+        ) from exc
     check_fit(file, meta, splits)
     if list(splits.classes) != list(meta.classes):
         from cnnkit._console import warn
@@ -305,39 +337,13 @@ def plot_confusion(path: str | Path, confusion: torch.Tensor, classes: Sequence[
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """The most probable classes for one image, best first."""
-
-    image: Path
-    top: list[tuple[str, float]]
-    """(class name, probability) pairs."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready form."""
-        return {"image": str(self.image), "top": [{"class": c, "probability": p} for c, p in self.top]}
-
-
 def load_images(paths: Sequence[str | Path], channels: int) -> list[torch.Tensor]:
     """Decode image files into uint8 (C, H, W) tensors with 1 (grayscale) or 3 (RGB) channels.
 
-    A file PIL cannot read is a one-line DataError naming it.
+    A file PIL cannot read is a one-line DataError naming it (see :func:`cnnkit.prediction.decode_images`).
     """
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
-
-    if channels not in (1, 3):
-        raise WeightsError(f"image files can give 1 or 3 channels; these weights expect {channels}")
-    decoded = []
-    for path in map(Path, paths):
-        try:
-            with Image.open(path) as image:
-                # convert() also decodes, so truncated files fail here rather than later.
-                decoded.append(pil_to_tensor(image.convert("L" if channels == 1 else "RGB")))
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            reason = "no such file" if isinstance(exc, FileNotFoundError) else (str(exc).splitlines() or ["?"])[0]
-            raise DataError(f"image {path} cannot be read ({reason}); pass PNG, JPEG or other files PIL opens") from exc
-    return decoded
+    # torch.tensor copies: decoded arrays may share PIL's read-only buffer.
+    return [torch.tensor(image) for image in decode_images(paths, channels)]
 
 
 def prepare_images(
@@ -349,42 +355,35 @@ def prepare_images(
 ) -> torch.Tensor:
     """uint8 (C, H, W) images of any sizes -> one float batch (N, C, size, size) as the model was trained.
 
-    Scaled to 0..1, resized (bilinear, antialiased) with images of equal size resized together,
-    then normalised with ``mean``/``std`` when given.
+    Scaled to 0..1, resized (bilinear, antialiased), then normalised with ``mean``/``std`` when
+    given. One implementation serves PyTorch and ONNX Runtime alike:
+    :func:`cnnkit.prediction.prepare_batch`, whose output equals ``F.interpolate(...,
+    antialias=True)`` on the 0..1 images (a test checks).
     """
-    batch = torch.empty(len(images), images[0].shape[0], size, size, device=device)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for index, image in enumerate(images):
-        by_shape.setdefault(tuple(image.shape), []).append(index)
-    for shape, indices in by_shape.items():
-        group = torch.stack([images[i] for i in indices]).to(device).float().div_(255)
-        if shape[1:] != (size, size):
-            group = F.interpolate(group, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        batch[indices] = group
-    if mean is not None and std is not None:
-        shift = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        scale = torch.tensor(std, device=device).view(1, -1, 1, 1)
-        batch = (batch - shift) / scale
-    return batch
+    arrays = [image.cpu().numpy() for image in images]
+    return torch.from_numpy(prepare_batch(arrays, size, mean, std)).to(device)
 
 
 def predict_files(
     weights: str | Path, images: Sequence[str | Path], top: int = 5, device: str | torch.device = "auto"
 ) -> list[Prediction]:
-    """The ``top`` most probable classes of each image file under a weights file's model."""
-    from cnnkit.device import resolve_device
+    """The ``top`` most probable classes of each image file under a weights file's model.
 
+    A ``.onnx`` file (from ``cnnkit export --format onnx``) is run with ONNX Runtime instead.
+    """
     if top < 1:
         raise UsageError(f"--top must be >= 1, got {top}")
     if not images:
         raise UsageError("no images given; pass one or more image files")
+    if Path(weights).suffix.lower() == ".onnx":
+        from cnnkit.onnx_export import predict_onnx
+
+        return predict_onnx(weights, images, top=top, device=str(device))
+    from cnnkit.device import resolve_device
+
     target = resolve_device(device) if isinstance(device, str) else device
     model, meta = load_weights(weights, target)
-    batch = prepare_images(load_images(images, meta.in_channels), meta.input_size, meta.mean, meta.std, target)
+    batch = prepare_batch(decode_images(images, meta.in_channels), meta.input_size, meta.mean, meta.std)
     with torch.inference_mode():
-        probabilities = model(batch).float().softmax(dim=1)
-    best = probabilities.topk(min(top, meta.num_classes), dim=1)
-    return [
-        Prediction(Path(path), [(meta.classes[c], p) for c, p in zip(cls, prob, strict=True)])
-        for path, cls, prob in zip(images, best.indices.tolist(), best.values.tolist(), strict=True)
-    ]
+        logits = model(torch.from_numpy(batch).to(target)).float().cpu().numpy()
+    return rank(images, logits, meta.classes, top)

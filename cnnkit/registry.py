@@ -54,6 +54,15 @@ class Entry:
         return _normalise(self.distribution) == BUILTIN_DISTRIBUTION
 
 
+def _installed_version(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return ""
+
+
 def _autoload_allowed(distribution: str) -> bool:
     if _normalise(distribution) == BUILTIN_DISTRIBUTION:
         return True
@@ -100,6 +109,9 @@ class Registry(Generic[T]):
             # Folder names spell distributions with underscores; show the canonical dashed name.
             dist = _normalise(ep.distro.name) if ep.distro is not None else "unknown"
             version = (ep.distro.version or "") if ep.distro is not None else ""
+            if not version and dist != "unknown":
+                # A source checkout's versionless *.egg-info can shadow the installed metadata.
+                version = _installed_version(dist)
             # The same distribution can sit on sys.path twice (e.g. a build dir); first one wins.
             if (ep.name, _normalise(dist)) in seen:
                 continue

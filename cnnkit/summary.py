@@ -64,6 +64,9 @@ _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 _AVG_POOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _ADAPTIVE_AVG_POOL = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_MAX_POOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_SPATIAL_KERNEL = (*_CONV, *_CONV_T, *_AVG_POOL, *_MAX_POOL)
+"""Layers with a kernel that slides over the map: on a 1x1 map a kernel larger than 1 sees padding."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,6 +168,27 @@ class ModelSummary:
     activation_bytes: int = 0
     """Sum of leaf modules' output sizes in one forward pass (in-place outputs and views add nothing)."""
     dtype: str = "float32"
+    collapsed_at: str | None = None
+    """The layer from which every feature map is 1x1 while later convolutions or pooling still slide
+    kernels over it (an input far below what the net was designed for); None when that never happens."""
+    uncollapsed_side: int | None = None
+    """The smallest square side at which the map no longer collapses (set with ``collapsed_at``)."""
+
+    @property
+    def collapse_warning(self) -> str | None:
+        """One line saying where the maps collapsed to 1x1 and which input avoids it, or None."""
+        if self.collapsed_at is None:
+            return None
+        c, h, w = self.input_shape
+        avoid = (
+            f"an input of at least {c}x{self.uncollapsed_side}x{self.uncollapsed_side} avoids it"
+            if self.uncollapsed_side
+            else "no square input up to 1024 avoids it"
+        )
+        return (
+            f"{self.model} at {c}x{h}x{w}: the feature map is 1x1 from {self.collapsed_at} on, so the later "
+            f"convolutions and pooling see little but padding; {avoid}"
+        )
 
     @property
     def flops(self) -> int:
@@ -352,6 +376,10 @@ class _Tracer:
         self.leaf_macs: dict[str, int] = {}
         self.macs_by_kind: dict[str, int] = {"conv": 0, "linear": 0, "norm": 0, "pool": 0}
         self.activation_bytes = 0
+        self.first_1x1: str | None = None
+        """The first leaf whose output map is 1x1."""
+        self.collapsed = False
+        """A convolution or pooling with a kernel larger than 1 ran on a 1x1 map."""
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> _Tracer:
@@ -370,6 +398,9 @@ class _Tracer:
 
     def _pre(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         self.stack.append(module)
+        if not self.collapsed and isinstance(module, _SPATIAL_KERNEL) and _prod(module.kernel_size) > 1:
+            first = next(_tensors(inputs), None)
+            self.collapsed = first is not None and _is_1x1(first)
 
     def _post(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         outputs = list(_tensors(output))
@@ -379,6 +410,9 @@ class _Tracer:
             raise _Vanished(f"output shape {tuple(outputs[0].shape)}")
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
+        leaf = next(module.children(), None) is None
+        if self.first_1x1 is None and leaf and outputs and _is_1x1(outputs[0]):
+            self.first_1x1 = f"{name} ({type(module).__name__})"
         if not self.record:
             return
         if name not in self.shapes and outputs:
@@ -408,6 +442,11 @@ class _Tracer:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             vanished = isinstance(exc, _Vanished) or hasattr(culprit, "kernel_size")
             return None, _Failure(self.names.get(culprit, ""), type(culprit).__name__, message, vanished)
+
+
+def _is_1x1(tensor: torch.Tensor) -> bool:
+    """A (N, C, *spatial) map whose spatial dimensions are all 1."""
+    return tensor.dim() >= 3 and all(d == 1 for d in tensor.shape[2:])
 
 
 def _resolve(model: str | ModelSpec) -> ModelSpec:
@@ -460,6 +499,30 @@ def _smallest_side(model: nn.Module, name: str, in_channels: int, recipe_side: i
             working = middle
         else:
             failing = middle
+    return working
+
+
+def _collapses(model: nn.Module, in_channels: int, side: int) -> bool:
+    x = torch.empty(1, in_channels, side, side, device="meta", dtype=_input_dtype(model))
+    with _Tracer(model, record=False) as tracer:
+        failure = tracer.run(x)[1]
+    return failure is not None or tracer.collapsed
+
+
+def _uncollapsed_side(model: nn.Module, in_channels: int, collapsing: int, recipe_side: int | None) -> int | None:
+    """The smallest square side above ``collapsing`` whose maps do not collapse to 1x1 (bisection on the
+    meta device, bounded by the recipe's size or 1024), or None when none up to 1024 works."""
+    bounds = (s for s in (recipe_side, MAX_SIDE) if s and s > collapsing)
+    upper = next((s for s in bounds if not _collapses(model, in_channels, s)), None)
+    if upper is None:
+        return None
+    failing, working = collapsing, upper
+    while working - failing > 1:
+        middle = (failing + working) // 2
+        if _collapses(model, in_channels, middle):
+            failing = middle
+        else:
+            working = middle
     return working
 
 
@@ -571,6 +634,11 @@ def summarize(
         for name, module in _rows_at_depth(net, depth)
     ]
 
+    collapsed_at = uncollapsed = None
+    if tracer.collapsed:
+        collapsed_at = "the input" if h == w == 1 else (tracer.first_1x1 or "an early layer")
+        uncollapsed = _uncollapsed_side(net, c, min(h, w), recipe_side)
+
     params = list(net.parameters())
     out_shapes = tuple(tuple(t.shape) for t in _tensors(output))
     return ModelSummary(
@@ -590,4 +658,6 @@ def summarize(
         buffer_bytes=sum(b.numel() * b.element_size() for b in net.buffers()),
         activation_bytes=tracer.activation_bytes,
         dtype=str(x.dtype).removeprefix("torch."),
+        collapsed_at=collapsed_at,
+        uncollapsed_side=uncollapsed,
     )

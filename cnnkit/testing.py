@@ -12,11 +12,13 @@
 
 Each check raises ``AssertionError`` with a message naming the spec and what to fix, so any test
 runner reports it; the module itself does not need pytest. cnnkit runs the same checks on every
-built-in.
+built-in, and ``cnnkit plugins check DIST`` runs them on an installed distribution's entries
+(``check_dataset_attributes`` and ``check_trainer`` check what needs neither data nor training).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -27,9 +29,9 @@ from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from cnnkit.errors import UsageError
-from cnnkit.protocols import DatasetSpec, DatasetSplits, ImageTensors, ModelSpec, Recipe
+from cnnkit.protocols import DatasetSpec, DatasetSplits, ImageTensors, ModelSpec, Recipe, Trainer
 
-__all__ = ["check_model_spec", "check_dataset_spec"]
+__all__ = ["check_model_spec", "check_dataset_spec", "check_dataset_attributes", "check_trainer"]
 
 _UNKNOWN_OPTION = "cnnkit_contract_check_no_such_option"
 _BATCH = 2  # the smallest batch that batch norm can train on
@@ -244,19 +246,11 @@ def _check_statistics(owner: str, name: str, claimed: object, actual: list[float
             )
 
 
-def check_dataset_spec(spec: DatasetSpec, data: Path | None = None, **options: Any) -> None:
-    """Check that ``spec`` honours cnnkit's ``DatasetSpec`` contract; ``AssertionError`` says what is wrong.
-
-    Checked: the attributes (``name`` and ``summary`` non-empty str; ``classes`` a tuple of str;
-    ``channels`` a positive int; ``image_size`` a pair of ints; ``options`` a pydantic model that
-    forbids unknown keys and documents each field); ``load(data, **options)`` returns a
-    :class:`~cnnkit.protocols.DatasetSplits` whose splits hold uint8 (N, C, H, W) images and
-    int64 (N,) labels within the class list, train and test with the same C, H, W; ``classes``
-    unique non-empty names, equal to the spec's when it declares them; for fixed-format datasets
-    (``image_size`` not (0, 0)) images of the declared channels and size; ``mean`` and ``std``
-    one float per channel, matching the training images on the 0..1 scale within 0.02; an
-    unknown option raises :class:`cnnkit.errors.UsageError`.
-    """
+def check_dataset_attributes(spec: DatasetSpec) -> None:
+    """The part of :func:`check_dataset_spec` that needs no data files: ``name`` and ``summary``
+    non-empty str; ``classes`` a tuple of str; ``channels`` a positive int; ``image_size`` a pair of
+    ints; ``options`` a pydantic model that forbids unknown keys, documents each field and has all
+    defaults; callable ``locate()`` and ``load()``. ``AssertionError`` says what is wrong."""
     owner = f"dataset '{getattr(spec, 'name', spec)}'"
     _check_text(owner, spec, "name")
     owner = f"dataset '{spec.name}'"
@@ -276,6 +270,50 @@ def check_dataset_spec(spec: DatasetSpec, data: Path | None = None, **options: A
             _fail(f"{owner}: has no {method}() method")
     if not isinstance(spec, DatasetSpec):
         _fail(f"{owner}: does not satisfy cnnkit.protocols.DatasetSpec")
+
+
+def check_trainer(trainer: Trainer) -> None:
+    """Check that ``trainer`` (an instance) honours cnnkit's ``Trainer`` protocol without training:
+    ``name`` and ``summary`` non-empty str; ``options`` a pydantic model that forbids unknown keys,
+    documents each field and has all defaults; a callable ``fit(model, data, config, run)``.
+    ``AssertionError`` says what is wrong."""
+    if isinstance(trainer, type):
+        _fail(f"trainer {trainer.__name__}: pass an instance (cnnkit creates one with no arguments)")
+    owner = f"trainer '{getattr(trainer, 'name', trainer)}'"
+    _check_text(owner, trainer, "name")
+    owner = f"trainer '{trainer.name}'"
+    _check_text(owner, trainer, "summary")
+    _check_options_schema(owner, getattr(trainer, "options", None))
+    fit = getattr(trainer, "fit", None)
+    if not callable(fit):
+        _fail(f"{owner}: has no fit(model, data, config, run) method")
+    try:
+        signature = inspect.signature(fit)
+    except ValueError:
+        signature = None  # a builtin or C callable without a signature: nothing to check
+    if signature is not None:
+        try:
+            signature.bind(None, None, None, None)
+        except TypeError:
+            _fail(f"{owner}: fit({', '.join(signature.parameters)}) must take (model, data, config, run)")
+    if not isinstance(trainer, Trainer):
+        _fail(f"{owner}: does not satisfy cnnkit.protocols.Trainer")
+
+
+def check_dataset_spec(spec: DatasetSpec, data: Path | None = None, **options: Any) -> None:
+    """Check that ``spec`` honours cnnkit's ``DatasetSpec`` contract; ``AssertionError`` says what is wrong.
+
+    Checked: the attributes (:func:`check_dataset_attributes`); ``load(data, **options)`` returns a
+    :class:`~cnnkit.protocols.DatasetSplits` whose splits hold uint8 (N, C, H, W) images and
+    int64 (N,) labels within the class list, train and test with the same C, H, W; ``classes``
+    unique non-empty names, equal to the spec's when it declares them; for fixed-format datasets
+    (``image_size`` not (0, 0)) images of the declared channels and size; ``mean`` and ``std``
+    one float per channel, matching the training images on the 0..1 scale within 0.02; an
+    unknown option raises :class:`cnnkit.errors.UsageError`.
+    """
+    check_dataset_attributes(spec)
+    owner = f"dataset '{spec.name}'"
+    declared, channels, size = spec.classes, spec.channels, spec.image_size
 
     splits = spec.load(data, **options)
     if not isinstance(splits, DatasetSplits):

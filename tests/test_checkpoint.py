@@ -70,8 +70,12 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path: Path, f
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.bin"]  # no temp file left behind
 
 
-def test_atomic_write_replaces_and_creates_missing_folders(tmp_path: Path) -> None:
+def test_atomic_write_replaces_and_never_creates_folders(tmp_path: Path) -> None:
     target = tmp_path / "run" / "best.safetensors"
+    with pytest.raises(FileNotFoundError, match="no such folder") as raised:
+        atomic_write(target, lambda tmp: tmp.write_bytes(b"one"))
+    assert raised.value.filename == str(target.parent) and not target.parent.exists()
+    target.parent.mkdir()  # the caller that owns the folder makes it
     atomic_write(target, lambda tmp: tmp.write_bytes(b"one"))
     atomic_write(target, lambda tmp: tmp.write_bytes(b"two"))
     assert target.read_bytes() == b"two"

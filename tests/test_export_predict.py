@@ -41,6 +41,7 @@ def make_run(folder: Path, channels: int = 1, normalise: bool = True) -> tuple[t
 def test_export_round_trip(tmp_path: Path, runner: Any) -> None:
     model, meta = make_run(tmp_path / "run")
     out = tmp_path / "exported" / "model.safetensors"
+    out.parent.mkdir()  # export never makes up folders for --out (see test_faults)
 
     result = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(out)])
 

@@ -25,6 +25,9 @@ from cnnkit.testing import check_dataset_spec, check_model_spec
 from tests.test_summary import GOOGLENET_96
 
 MODELS = cnnkit.list_models()
+# Batches of two at small inputs gain nothing from more threads; on a busy machine their spinning
+# makes the deep plugin models (EfficientNet-B7: 55 blocks) many times slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
 BUILTINS = ["lenet", "lenet_bn", "alexnet", "vgg11", "vgg16", "nin", "googlenet", "resnet18", "resnet50", "densenet", "densenet121"]  # fmt: skip
 
 

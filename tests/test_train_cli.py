@@ -144,7 +144,7 @@ def _wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 60) -
 def test_ctrl_c_saves_last_and_exits_130(idx_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     process = _start(tiny_args(idx_data, "--epochs", "1000", "--out", str(out), "-q"))
-    _wait_for(out / "metrics.csv", process)
+    _wait_for(out / "state.safetensors", process)  # the first epoch is saved
     time.sleep(0.3)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
@@ -160,7 +160,7 @@ def test_ctrl_c_saves_last_and_exits_130(idx_data: Path, tmp_path: Path) -> None
 def test_repeated_ctrl_c_during_the_save_does_not_corrupt_it(idx_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     process = _start(tiny_args(idx_data, "--epochs", "1000", "--out", str(out), "-q"))
-    _wait_for(out / "metrics.csv", process)
+    _wait_for(out / "state.safetensors", process)  # the first epoch is saved
     for _ in range(8):  # the first interrupts; the rest land while `last` is being saved, or after
         if process.poll() is not None:
             break

@@ -18,6 +18,7 @@ from cnnkit.cli import data as data_cmd
 from cnnkit.cli import eval as eval_cmd
 from cnnkit.cli import export as export_cmd
 from cnnkit.cli import list as list_cmd
+from cnnkit.cli import plugins as plugins_cmd
 from cnnkit.cli import predict as predict_cmd
 from cnnkit.cli import summary as summary_cmd
 from cnnkit.cli import train as train_cmd
@@ -40,6 +41,7 @@ app.add_typer(export_cmd.app)
 app.add_typer(predict_cmd.app)
 app.add_typer(list_cmd.app, name="list")
 app.add_typer(data_cmd.app, name="data", help="Fetch datasets and show where their files are.")
+app.add_typer(plugins_cmd.app, name="plugins")
 
 
 def _version(value: bool) -> None:
@@ -71,3 +73,6 @@ def main() -> None:
         # Ctrl-C outside any command body (while parsing or importing): exit 130, not by signal.
         _common.settle_interrupt()
         sys.exit(130)
+    except SystemExit as done:
+        # `cnnkit ... | head -1`: the reader leaving early is a normal end, not an error.
+        sys.exit(_common.finish_output(done.code))

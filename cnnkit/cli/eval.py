@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cnnkit.cli._common import Format, FormatOption, guarded, parse_key_values
+from cnnkit.cli._common import Format, FormatOption, guarded, parse_key_values, stdout_console
 
 if TYPE_CHECKING:
     from cnnkit.evaluate import WeightsEvaluation
@@ -22,7 +22,6 @@ class Split(str, Enum):
     train = "train"
 
 
-
 @app.command("eval")
 @guarded
 def eval_command(
@@ -30,7 +29,14 @@ def eval_command(
     dataset: Annotated[
         str | None, typer.Option("--dataset", help="Registered dataset (default: the one it was trained on).")
     ] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="Folder holding the dataset's files.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Folder holding the dataset's files (default: the folder the weights were trained from, "
+            "while it exists, else the dataset's default search).",
+        ),
+    ] = None,
     dataset_option: Annotated[
         list[str] | None,
         typer.Option("-d", "--dataset-option", help="Dataset option key=value (overrides the recorded one)."),
@@ -60,6 +66,8 @@ def eval_command(
         device=device,
     )
     folder = out if out is not None else evaluation.weights.parent
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)  # --out names a folder for the reports: made on demand
     csv_path = folder / f"confusion_{split.value}.csv"
     write_confusion_csv(csv_path, evaluation.result.confusion, evaluation.classes)
     written = [csv_path]
@@ -76,12 +84,11 @@ def eval_command(
 
 
 def _print_table(evaluation: WeightsEvaluation, written: list[Path]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     result = evaluation.result
     # No markup: class names such as '[unlabelled]' are printed as they are.
-    console = Console(markup=False, highlight=False)
+    console = stdout_console(markup=False, highlight=False)
     # Plain lines never wrap (rich wraps at 80 columns when output is not a terminal).
     typer.echo(
         f"{evaluation.meta.model} on {evaluation.dataset} {evaluation.split} "

@@ -1,4 +1,7 @@
-"""``cnnkit predict WEIGHTS IMAGE...``: the most probable classes of image files."""
+"""``cnnkit predict WEIGHTS IMAGE...``: the most probable classes of image files.
+
+A ``.onnx`` file runs in ONNX Runtime without importing torch; anything else is PyTorch weights.
+"""
 
 from __future__ import annotations
 
@@ -13,20 +16,24 @@ from cnnkit.cli._common import Format, FormatOption, guarded
 app = typer.Typer()
 
 
-
 @app.command("predict")
 @guarded
 def predict_command(
-    weights: Annotated[Path, typer.Argument(help="A .safetensors weights file or a run directory.")],
+    weights: Annotated[Path, typer.Argument(help="A .safetensors or .onnx file, or a run directory.")],
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...).")],
     top: Annotated[int, typer.Option("--top", "-k", help="How many classes to show per image.")] = 3,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     fmt: FormatOption = Format.table,
 ) -> None:
     """Classify images with trained weights: top-K classes and their probabilities."""
-    from cnnkit.evaluate import predict_files
+    if weights.suffix.lower() == ".onnx":
+        from cnnkit.onnx_export import predict_onnx
 
-    predictions = predict_files(weights, images, top=top, device=device)
+        predictions = predict_onnx(weights, images, top=top, device=device)
+    else:
+        from cnnkit.evaluate import predict_files
+
+        predictions = predict_files(weights, images, top=top, device=device)
     if fmt is Format.json:
         typer.echo(json.dumps([p.to_dict() for p in predictions], indent=2))
         return

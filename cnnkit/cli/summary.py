@@ -7,10 +7,9 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.cli._common import Format, FormatOption, guarded, parse_key_values
+from cnnkit.cli._common import Format, FormatOption, guarded, parse_key_values, stdout_console
 
 app = typer.Typer()
-
 
 
 @app.command("summary")
@@ -44,9 +43,11 @@ def summary(
     result = summarize(
         model, shape, num_classes=classes, batch=batch, options=parse_key_values(option), depth=depth
     )
+    if result.collapse_warning:
+        from cnnkit._console import warn
+
+        warn(result.collapse_warning)
     if fmt is Format.json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
-    from rich.console import Console
-
-    Console(soft_wrap=False).print(result.renderable())
+    stdout_console(soft_wrap=False).print(result.renderable())

@@ -77,6 +77,12 @@ class BatchLoader:
     Yields ``(images, labels)``: float32 (B, C, image_size, image_size) scaled to 0..1 and, when
     ``mean``/``std`` are given, normalised; int64 labels. ``augment`` adds a random crop from a
     zero-padded image (pad = image_size / 8) and a horizontal flip, drawn per example.
+
+    ``shard=(rank, world_size)`` (distributed training): ``batch_size`` stays the global batch; each
+    process yields its contiguous part of every global batch (sizes differ by at most one; an
+    empty part is skipped). Every process derives the same permutation and the same augmentation
+    draws from (seed, epoch), so the shards of an epoch cover each example exactly once and the
+    processes together see exactly what one process would.
     """
 
     def __init__(
@@ -93,9 +99,13 @@ class BatchLoader:
         device: torch.device | str = "cpu",
         drop_last: bool = False,
         channels_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= shard[0] < shard[1]:
+            raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
+        self.shard = shard
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.image_size = image_size
@@ -149,12 +159,22 @@ class BatchLoader:
         if self.images.device != order.device:
             order = order.to(self.images.device)
         stop = len(self) * self.batch_size if self.drop_last else n
+        rank, world = self.shard
         for start in range(0, stop, self.batch_size):
-            index = order[start : start + self.batch_size]
+            size = min(self.batch_size, stop - start)
+            low, high = rank * size // world, (rank + 1) * size // world  # this process's part
+            if low == high:
+                if self.augment:
+                    self._draw(size, generator)  # keep the generator in step with the other processes
+                continue
+            index = order[start + low : start + high]
             # index_select copies whole rows; plain advanced indexing goes element by element
             # and made the gather, not the arithmetic, the cost of a CPU epoch (7x slower).
             images = torch.index_select(self.images, 0, index)
-            yield self._transform(images, generator), self._move(torch.index_select(self.labels, 0, index))
+            yield (
+                self._transform(images, generator, (size, low, high)),
+                self._move(torch.index_select(self.labels, 0, index)),
+            )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of epoch 0 (evaluation loaders neither shuffle nor augment)."""
@@ -167,25 +187,38 @@ class BatchLoader:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
 
-    def _transform(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _transform(
+        self, batch: torch.Tensor, generator: torch.Generator, part: tuple[int, int, int] | None = None
+    ) -> torch.Tensor:
+        """``part``: (global batch size, low, high) when ``batch`` is rows low..high of a global batch."""
         x = to_float(self._move(batch), self.image_size)
         if self.augment:
-            x = self._augment(x, generator)
+            x = self._augment(x, generator, part)
         if self.mean is not None and self.std is not None:
             x = x.sub_(self.mean).div_(self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _draw(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Crop offsets (dy, dx) and flips for ``size`` examples, from the CPU generator so the draw
+        is identical on every device and in every process."""
+        pad = max(1, round(self.image_size / 8))
+        dy = torch.randint(0, 2 * pad + 1, (size,), generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (size,), generator=generator)
+        flip = torch.rand(size, generator=generator) < 0.5
+        return dy, dx, flip
+
+    def _augment(
+        self, x: torch.Tensor, generator: torch.Generator, part: tuple[int, int, int] | None = None
+    ) -> torch.Tensor:
         """Random crop from a zero-padded image and a horizontal flip, per example, on the device."""
         b, _, h, w = x.shape
         pad = max(1, round(self.image_size / 8))
         padded = F.pad(x, (pad, pad, pad, pad))
-        # Offsets and flips come from the CPU generator so the draw is identical on every device.
-        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-        flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+        # Drawn for the whole global batch, then this process's rows: sharding changes nothing.
+        size, low, high = part if part is not None else (b, 0, b)
+        dy, dx, flip = (t[low:high].to(x.device) for t in self._draw(size, generator))
         rows = (torch.arange(h, device=x.device).view(1, h) + dy.view(b, 1)).view(b, 1, h, 1)
         cols = torch.arange(w, device=x.device).view(1, w).expand(b, w)
         cols = torch.where(flip.view(b, 1), cols.flip(1), cols) + dx.view(b, 1)

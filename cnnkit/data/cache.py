@@ -3,12 +3,18 @@
 The key hashes every source file's path, size and modification time together with the load
 options, so editing, adding or removing a file makes a new entry; an unreadable cache file is
 ignored and rebuilt. Nothing is ever written next to the data.
+
+The cache is best effort: a cache folder that cannot be created or written (read-only, full,
+file too large) costs the next run a decode and prints one warning; it never fails a load.
+Entries are written atomically under random temp names, so processes filling the same entry at
+once each replace it with a complete file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cnnkit.data.locate import cache_home
+from cnnkit.errors import DataError
 from cnnkit.protocols import DatasetSplits, ImageTensors
 
 __all__ = ["cached_splits", "source_key", "dataset_statistics"]
@@ -28,8 +35,12 @@ def source_key(dataset: str, files: Iterable[Path], options: dict[str, Any]) -> 
     """A digest of the files' identity (path, size, mtime) and the options that shape the tensors."""
     digest = hashlib.sha256(f"{_FORMAT}|{dataset}|{json.dumps(options, sort_keys=True, default=str)}".encode())
     for file in sorted(files):
-        stat = file.stat()
-        digest.update(f"|{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        try:
+            stat = file.stat()
+        except OSError as exc:
+            raise DataError(f"{file} cannot be read ({exc.strerror}); replace or remove it") from exc
+        # fsencode: file names need not be UTF-8 (a Latin-1 name arrives with surrogate escapes).
+        digest.update(b"|" + os.fsencode(file.resolve()) + f"|{stat.st_size}|{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:24]
 
 
@@ -56,9 +67,13 @@ def cached_splits(key: str, dataset: str, source: Path, build: Callable[[], Data
     }  # fmt: skip
     meta = {"classes": list(splits.classes), "mean": splits.mean, "std": splits.std, "split_files": splits.split_files}
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"cnnkit": json.dumps(meta)}))
-    except OSError:
-        pass  # a read-only or full cache only costs the next run a decode
+    except Exception as exc:  # noqa: BLE001 - whatever went wrong, the decoded data is in hand
+        from cnnkit._console import warn
+
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        warn(f"could not cache the decoded {dataset} in {path.parent} ({reason}); the next load decodes again")
     return splits
 
 

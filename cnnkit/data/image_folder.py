@@ -1,13 +1,29 @@
-"""Any folder of class subfolders: ``root/<class>/*.png|jpg|jpeg|bmp``.
+"""Any folder of class subfolders: ``root/<class>/*.png|jpg|jpeg|bmp|tif|tiff|webp|gif``.
 
 With ``root/train/<class>`` and ``root/test/<class>`` the split is given; otherwise a seeded split,
 stratified per class, holds out ``test_fraction`` of each class. Class names are the subfolder
 names in sorted order (label i is the i-th name), never the order files happen to be listed in.
 Images are decoded once at load time (then cached); mixed sizes are resized to a common size.
+
+What counts as an image is decided by its name, the same way everywhere:
+
+- hidden files and folders (names starting with ``.``: ``.DS_Store``, ``._x.jpg``,
+  ``.ipynb_checkpoints``) are ignored;
+- other files whose names do not end in an image suffix (``notes.txt``) are skipped, and one
+  warning counts them;
+- a file named as an image that is not one (zero bytes, text, truncated, larger than PIL's
+  decompression-bomb limit) is an error (exit 3) naming it: remove or replace it;
+- a class folder without images, or a folder with a single class, is an error (exit 3);
+- symbolic links are followed, each real folder at most once (a link loop ends there);
+- file and folder names need not be UTF-8: names that are not are shown (split files, class
+  names) with backslash escapes.
+
+The folder is only ever read; decoded tensors go to the cache (:mod:`cnnkit.data.cache`).
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,9 +32,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cnnkit.data.cache import cached_splits, dataset_statistics, source_key
-from cnnkit.data.images import IMAGE_SUFFIXES, decode_images
+from cnnkit.data.images import decode_images
 from cnnkit.data.locate import find_folder
 from cnnkit.errors import DataError
+from cnnkit.image_files import IMAGE_SUFFIXES, header
 from cnnkit.options import parse_options
 from cnnkit.protocols import DatasetSplits, ImageTensors
 
@@ -49,16 +66,60 @@ class ImageFolderOptions(BaseModel):
         return value
 
 
+def printable(name: str) -> str:
+    """A file name as text that can be written anywhere: bytes that are not UTF-8 become ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _image_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, skipped visible non-image files) under ``folder``, following links, never twice."""
+    images: list[Path] = []
+    skipped: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        identity = os.stat(top)
+        if (identity.st_dev, identity.st_ino) in seen:  # a link back to a folder already read
+            dirs[:] = []
+            continue
+        seen.add((identity.st_dev, identity.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            path = Path(top) / name
+            if name.startswith("."):
+                continue
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                if not path.is_file():
+                    raise DataError(f"{path} is not a readable image (a broken or looping link); replace or remove it")
+                images.append(path)
+            elif path.is_file():
+                skipped.append(path)
+    return sorted(images), skipped
+
+
 def _class_files(root: Path) -> dict[str, list[Path]]:
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{root} has no class subfolders; {HOW_TO_GET}")
+    if len(classes) == 1:
+        raise DataError(
+            f"{root} has a single class folder ({printable(classes[0].name)}); a classifier needs at least two"
+        )
     found: dict[str, list[Path]] = {}
+    skipped: list[Path] = []
     for folder in classes:
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files, others = _image_files(folder)
+        skipped += others
         if not files:
-            raise DataError(f"class folder {folder} holds no .png/.jpg/.jpeg/.bmp images; add some or remove it")
+            raise DataError(
+                f"class folder {folder} holds no .png/.jpg/.jpeg/.bmp images (nor .tif/.tiff/.webp/.gif); "
+                "add some or remove it"
+            )
         found[folder.name] = files
+    if skipped:
+        from cnnkit._console import warn
+
+        suffixes = sorted({p.suffix.lower() or p.name for p in skipped})
+        warn(f"{root}: skipped {len(skipped)} file(s) that are not images by name ({', '.join(suffixes[:5])})")
     return found
 
 
@@ -69,12 +130,16 @@ def _native(paths: list[Path]) -> tuple[bool, Counter[tuple[int, int]]]:
     gray, sizes = True, Counter[tuple[int, int]]()
     for path in paths:
         try:
-            with Image.open(path) as image:
-                gray &= image.mode in {"1", "L", "I;16", "I", "LA"}
-                sizes[(image.height, image.width)] += 1
-        except (UnidentifiedImageError, OSError) as exc:
-            what = "is empty (0 bytes)" if path.stat().st_size == 0 else f"is not a readable image ({exc})"
-            raise DataError(f"{path} {what}; replace or remove it") from exc
+            if path.stat().st_size == 0:
+                raise DataError(f"{path} is empty (0 bytes); replace or remove it")
+            is_gray, size = header(path)
+        except Image.DecompressionBombError as exc:
+            raise DataError(f"{path} is larger than PIL's safety limit ({exc}); shrink it or remove it") from exc
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise DataError(f"{path} is not a readable image ({reason}); replace or remove it") from exc
+        gray &= is_gray
+        sizes[size] += 1
     return gray, sizes
 
 
@@ -141,12 +206,12 @@ class ImageFolder:
             test_files = [f for f, t in zip(files, test.tolist(), strict=True) if t]
             train_x, train_y, test_x, test_y = images[~test], labels[~test], images[test], labels[test]
         mean, std = dataset_statistics(train_x)
-        relative = lambda fs: [str(f.relative_to(root)) for f in fs]  # noqa: E731
+        relative = lambda fs: [printable(str(f.relative_to(root))) for f in fs]  # noqa: E731
         return DatasetSplits(
             name=self.name,
             train=ImageTensors(train_x.contiguous(), train_y),
             test=ImageTensors(test_x.contiguous(), test_y),
-            classes=classes,
+            classes=tuple(printable(c) for c in classes),
             source=root,
             mean=mean,
             std=std,

@@ -39,4 +39,6 @@ def find_folder(
         if folder.is_dir():
             return folder
     looked = ", ".join(str(c) for c in candidates)
-    raise DataError(f"{name}: no data folder found (looked in {looked}); pass --data PATH{hint}")
+    # Most hints already end in "pass --data PATH": say it once.
+    fix = how_to_get if "--data" in how_to_get else f"pass --data PATH{hint}"
+    raise DataError(f"{name}: no data folder found (looked in {looked}); {fix}")

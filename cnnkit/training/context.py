@@ -16,6 +16,7 @@ history and best epoch, the reason a run stopped.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -83,6 +84,12 @@ class Run:
     """bf16 or fp16 when mixed precision is on for this device (``config.amp``), else None."""
     resume_from: TrainerState | None = None
     """The saved point ``start`` restores (``--resume``); None for a fresh run."""
+    rank: int = 0
+    """This process's rank in a distributed run (torchrun); 0 otherwise. Only rank 0 writes files."""
+    world_size: int = 1
+    """Processes training together (each on its shard of every global batch); 1 when not distributed."""
+    backend: str | None = None
+    """The process group's backend (``nccl`` or ``gloo``) in a distributed run, else None."""
     optimizer: torch.optim.Optimizer | None = None
     epoch: int = 0
     """The epoch being trained (1-based); after it completes, the number of epochs done."""
@@ -157,6 +164,8 @@ class Run:
         training examples the epoch saw (default: the last report's, else the whole split)."""
         from cnnkit.training.events import Events
 
+        if self.world_size > 1:
+            metrics, examples = self._reduce_train_metrics(metrics, examples)
         missing = [key for key in REQUIRED_METRICS if key not in metrics]
         if missing:
             raise UsageError(
@@ -185,6 +194,22 @@ class Run:
             self.best_acc, self.best_epoch = row["test_acc"], self.epoch
         self.events.emit(Events.EPOCH_COMPLETED, self)
 
+    def _reduce_train_metrics(self, metrics: Mapping[str, float], examples: int | None) -> tuple[dict[str, float], int]:
+        """Every rank reports its own shard: the means of train_loss and train_acc weighted by each
+        rank's examples, the examples and the throughput summed. Test metrics come from
+        :meth:`evaluate`, already reduced."""
+        from cnnkit.training.distributed import sum_over_ranks
+
+        local = examples if examples is not None else (self.seen or -(-len(self.data.train) // self.world_size))
+        seconds = float(metrics.get("epoch_seconds", time.perf_counter() - self._epoch_started_at))
+        rate = float(metrics.get("examples_per_s", local / max(seconds, 1e-9)))
+        present = [key for key in ("train_loss", "train_acc") if key in metrics]
+        sums = sum_over_ranks([float(metrics[key]) * local for key in present] + [local, rate])
+        total = int(round(sums[-2]))
+        reduced = {**metrics, **{key: value / max(total, 1) for key, value in zip(present, sums, strict=False)}}
+        reduced["examples_per_s"] = sums[-1]
+        return reduced, total
+
     def _current_lr(self) -> float:
         if math.isfinite(self.lr) or self.optimizer is None or not self.optimizer.param_groups:
             return self.lr
@@ -202,11 +227,16 @@ class Run:
             "std": self.meta.std,
             "device": self.device,
             "channels_last": self.channels_last,
+            # Distributed: each rank yields its part of every global batch (batch_size is global).
+            "shard": (self.rank, self.world_size),
         }
         if split == "train":
+            # Every rank must take every step: a last batch too small to give each rank an example
+            # is left out of this epoch (its examples come in other epochs' permutations).
+            tail = len(self.data.train) % config.batch_size
             return BatchLoader(
                 self.data.train, batch_size=config.batch_size, augment=config.augment, shuffle=True,
-                seed=config.seed, **common,
+                seed=config.seed, drop_last=0 < tail < self.world_size, **common,
             )  # fmt: skip
         return BatchLoader(self.data.test, batch_size=2 * config.batch_size, **common)
 
@@ -216,9 +246,28 @@ class Run:
 
         batches = loader if loader is not None else self.loader("test")
         dtype = self.amp_dtype or torch.bfloat16
-        with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp_dtype is not None):
-            result = evaluate(net, batches.epoch(0), len(self.data.classes))
-        return {"test_loss": result.loss, "test_acc": result.top1}
+        autocast = torch.autocast(self.device.type, dtype=dtype, enabled=self.amp_dtype is not None)
+        if self.world_size == 1:
+            with autocast:
+                result = evaluate(net, batches.epoch(0), len(self.data.classes))
+            return {"test_loss": result.loss, "test_acc": result.top1}
+        from cnnkit.training.distributed import broadcast_buffers, sum_over_ranks, unwrap
+
+        # Each rank evaluates its shard with the bare module (a DDP forward would wait for the
+        # other ranks, whose shards may have one batch fewer) and rank 0's BatchNorm statistics,
+        # the ones the checkpoint saves; the sums are then added over the ranks.
+        bare = unwrap(net)
+        broadcast_buffers(bare)
+        batch_iter = batches.epoch(0)
+        first = next(batch_iter, None)
+        loss_sum = correct = count = 0.0
+        if first is not None:
+            with autocast:
+                result = evaluate(bare, itertools.chain([first], batch_iter), len(self.data.classes))
+            count = float(result.examples)
+            loss_sum, correct = result.loss * count, float(result.confusion.diagonal().sum())
+        loss_sum, correct, count = sum_over_ranks([loss_sum, correct, count])
+        return {"test_loss": loss_sum / max(count, 1.0), "test_acc": correct / max(count, 1.0)}
 
     def result(self) -> RunResult:
         """What the trainer returns from ``fit``."""
@@ -234,6 +283,13 @@ class Run:
         """channels_last memory format: the config's choice, else on for CUDA."""
         chosen = self.config.channels_last
         return chosen if chosen is not None else self.device.type == "cuda"
+
+    @property
+    def distributed_environment(self) -> dict[str, Any]:
+        """What config.json records of the processes: world size, backend, torchrun's run id."""
+        from cnnkit.training.distributed import elastic_run_id
+
+        return {"world_size": self.world_size, "backend": self.backend, "torchelastic_run_id": elastic_run_id()}
 
     @property
     def metrics(self) -> dict[str, float]:

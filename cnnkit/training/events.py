@@ -12,7 +12,7 @@ never does anything else; each feature of a run is a handler attached to the eve
 | LogFile        | all but ITERATION_COMPLETED                  | log.txt                       |
 | EarlyStopping  | EPOCH_COMPLETED                              | (sets ``run.should_stop``)    |
 | TensorBoard    | STARTED, EPOCH_COMPLETED, the ends           | tb/ event files               |
-| Console        | all                                          | progress bar or plain lines   |
+| Console        | all                                          | bar (stderr), lines (stdout)  |
 
 Every file except the append-only log.txt is replaced atomically (``atomic_write``). The run
 driver (:mod:`cnnkit.training.run`) attaches them, so every trainer gets all of them.
@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import io
 import json
+import math
+import os
 import platform
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -143,6 +147,7 @@ class RunFiles:
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "device": str(run.device),
+                **run.distributed_environment,  # world_size, backend, torchelastic_run_id
                 "amp": str(run.amp_dtype).removeprefix("torch.") if run.amp_dtype else None,
                 "plugins": plugins,
                 "dataset_source": str(run.data.source),
@@ -216,40 +221,89 @@ class MetricsCSV:
 
 
 class CurvesPlot:
-    """curves.png: training loss, training and test accuracy per epoch, as d2l plots them."""
+    """curves.png: loss (left) and accuracy (right) per epoch, train and test, the best epoch marked.
+
+    Two panels, because a loss of 50 and an accuracy of 0.9 share no useful scale; the loss axis
+    turns logarithmic when the loss spans more than a factor of 20 (a wild first epoch).
+    """
+
+    LOG_SCALE_RATIO = 20.0
 
     def __init__(self) -> None:
-        # Imported before training, so that Ctrl-C never lands inside matplotlib's import.
-        import matplotlib
-
-        matplotlib.use("Agg")
+        # Imported before training, so that Ctrl-C never lands inside matplotlib's import. The
+        # object API with the Agg canvas draws without pyplot, so no global backend is set.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
 
-        self._figure, self._locator = Figure, MaxNLocator
+        self._figure, self._canvas, self._locator = Figure, FigureCanvasAgg, MaxNLocator
 
     def attach(self) -> list[tuple[Events, Handler]]:
         return [(Events.EPOCH_COMPLETED, self.plot)]
 
     def plot(self, run: Run) -> None:
+        # A figure is a web of reference cycles whose weakref callbacks run whenever the garbage
+        # collector gets to it, at any later moment; a Ctrl-C landing in one is only printed, and
+        # the run would go on. So the figure is drawn, saved and freed while Ctrl-C waits, with
+        # the collector paused so that it stays young: collecting the youngest generation then
+        # frees all of it in about 10 ms (a full collection of a torch process takes ~170 ms).
+        automatic = gc.isenabled()
+        gc.disable()
+        try:
+            with _sigint_deferred():
+                self._save(run)
+                gc.collect(0)  # the figure, unreachable once _save returns
+        finally:
+            if automatic:
+                gc.enable()
+
+    def _save(self, run: Run) -> None:
+        figure = self.figure(run)
+        atomic_write(run.run_dir / "curves.png", lambda tmp: figure.savefig(tmp, format="png"))
+        figure.clear()
+
+    def figure(self, run: Run) -> Any:
+        """The figure of ``run.history`` (a matplotlib ``Figure`` on an Agg canvas)."""
         Figure, MaxNLocator = self._figure, self._locator
 
-        epochs = [row["epoch"] for row in run.history]
-        figure = Figure(figsize=(4.5, 3.2), dpi=120)
-        axes = figure.add_subplot()
-        for key, label, style in (
-            ("train_loss", "train loss", "-"), ("train_acc", "train acc", "--"),
-            ("test_acc", "test acc", "-."), ("test_loss", "test loss", ":"),
-        ):  # fmt: skip
-            axes.plot(epochs, [row[key] for row in run.history], style, marker=".", label=label)
-        axes.set_xlabel("epoch")
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.set_xlim(1, max(run.config.epochs, 2))
-        axes.grid(True, alpha=0.3)
-        axes.legend()
-        axes.set_title(f"{run.config.model} on {run.config.dataset}", fontsize=9)
-        figure.tight_layout()
-        atomic_write(run.run_dir / "curves.png", lambda tmp: figure.savefig(tmp, format="png"))
+        history = run.history
+        epochs = [int(row["epoch"]) for row in history]
+        figure = Figure(figsize=(8.0, 3.4), dpi=120, layout="constrained")
+        self._canvas(figure)
+        loss_axes, acc_axes = figure.subplots(1, 2, sharex=True)
+        # Train and test differ in colour, line style and marker, so the plot survives greyscale.
+        styles = {"train": {"color": "C0", "linestyle": "-", "marker": "o"},
+                  "test": {"color": "C1", "linestyle": "--", "marker": "s"}}  # fmt: skip
+        for split, style in styles.items():
+            loss_axes.plot(epochs, [row[f"{split}_loss"] for row in history], markersize=3, label=split, **style)
+            acc_axes.plot(epochs, [row[f"{split}_acc"] for row in history], markersize=3, label=split, **style)
+
+        losses = [row[key] for row in history for key in ("train_loss", "test_loss") if row[key] > 0]
+        if losses and max(losses) / min(losses) > self.LOG_SCALE_RATIO:
+            loss_axes.set_yscale("log")
+            loss_axes.set_ylabel("loss (log scale)")
+        else:
+            loss_axes.set_ylabel("loss")
+        acc_axes.set_ylabel("accuracy")
+        accuracies = [row[key] for row in history for key in ("train_acc", "test_acc")]
+        acc_axes.set_ylim(max(0.0, min(accuracies) - 0.05), min(1.0, max(accuracies) + 0.05) + 0.005)
+
+        if run.best_epoch:
+            for axes in (loss_axes, acc_axes):
+                axes.axvline(run.best_epoch, color="0.5", linestyle=":", linewidth=1, zorder=0)
+            acc_axes.plot([run.best_epoch], [run.best_acc], marker="*", markersize=12, color="C3", linestyle="none",
+                          label=f"best test {run.best_acc:.3f} (epoch {run.best_epoch})")  # fmt: skip
+
+        last = max(run.config.epochs, epochs[-1] if epochs else 1, 2)
+        for axes in (loss_axes, acc_axes):
+            axes.set_xlabel("epoch")
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axes.set_xlim(0.7, last + 0.3)
+            axes.grid(True, alpha=0.3)
+        for axes in (loss_axes, acc_axes):
+            axes.legend(loc="best", fontsize=8)
+        figure.suptitle(f"{run.config.model} on {run.config.dataset}", fontsize=10)
+        return figure
 
 
 def _epoch_line(run: Run) -> str:
@@ -299,8 +353,12 @@ class LogFile:
 
     def _log(self, run: Run, line: str) -> None:
         # An append-only log: a kill can at worst cut its last line, never lose earlier ones.
-        with open(run.run_dir / "log.txt", "a", encoding="utf-8") as handle:
-            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {line}\n")
+        path = run.run_dir / "log.txt"
+        try:
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {line}\n")
+        except OSError as exc:  # a full disk: name the file (a failed write names none)
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
     def started(self, run: Run) -> None:
         from cnnkit.config import describe_config
@@ -361,20 +419,39 @@ class TensorBoard:
 
 
 class Console:
-    """Progress on stdout: a rich bar on a terminal, one plain line per epoch otherwise, nothing if quiet.
+    """Progress, decided by the stream each part goes to.
 
-    The closing lines are printed even when quiet.
+    - A live bar on **stderr** when stderr is a terminal, so ``cnnkit train | tee log`` still shows
+      it; it is only on screen during an epoch and erased before the epoch line is printed.
+    - One line per epoch on **stdout**; on a terminal it is broken between fields to fit its width.
+    - Without a bar (logs, CI): also a progress line every ``log_every`` seconds of a long epoch.
+    - Quiet: nothing but the closing lines.
     """
 
-    def __init__(self, quiet: bool) -> None:
+    LOG_EVERY = 30.0
+    """Seconds between progress lines in logs."""
+
+    def __init__(self, quiet: bool, log_every: float = LOG_EVERY) -> None:
         from rich.console import Console as RichConsole
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.quiet = quiet
-        self.console = RichConsole(highlight=False, markup=False)
-        self.live = not quiet and self.console.is_terminal
-        self._progress: Any = None
+        self.log_every = log_every
+        bar_console = RichConsole(stderr=True, highlight=False, markup=False)
+        self.live = not quiet and bar_console.is_interactive
+        # Warnings (stderr) print above the bar; stdout is left alone so that its lines stay on it.
+        self._progress: Any = (
+            Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                console=bar_console, transient=True, redirect_stdout=False, redirect_stderr=True,
+            )  # fmt: skip
+            if self.live
+            else None
+        )
         self._task: Any = None
         self._started = 0.0
+        self._next_line = math.inf
 
     def attach(self) -> list[tuple[Events, Handler]]:
         return [
@@ -387,11 +464,9 @@ class Console:
             (Events.FAILED, self.stop),
         ]
 
-    def _print(self, line: str) -> None:
-        if self._progress is not None:
-            self._progress.console.print(line)
-        else:
-            print(line, flush=True)
+    def _print(self, line: str, separator: str = "  ") -> None:
+        for part in _fit_to_terminal(line, separator):
+            print(part, flush=True)
 
     def started(self, run: Run) -> None:
         if self.quiet:
@@ -401,54 +476,75 @@ class Console:
         data = run.data
         where = f"resuming {run.run_dir} after epoch {run.epoch}" if run.epoch else f"run {run.run_dir}"
         amp = f" · amp {str(run.amp_dtype).removeprefix('torch.')}" if run.amp_dtype else ""
-        self._print(describe_config(run.config))
+        self._print(describe_config(run.config), " · ")
         self._print(
             f"{data.name}: {len(data.train)} train / {len(data.test)} test, {len(data.classes)} classes · "
-            f"{run.device}{amp}{' · compiled' if run.config.compile else ''} · {where}"
+            f"{run.device}{amp}{' · compiled' if run.config.compile else ''} · {where}",
+            " · ",
         )
-        if self.live:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]:>7.0f} ex/s  loss {task.fields[loss]:.3f}"), TimeRemainingColumn(),
-                console=self.console, transient=True,
-            )  # fmt: skip
-            self._progress.start()
 
     def epoch_started(self, run: Run) -> None:
         self._started = time.perf_counter()
+        self._next_line = self._started + self.log_every
         if self._progress is not None:
+            # No rate or loss until the first report: nothing rather than "loss nan".
             self._task = self._progress.add_task(
-                f"epoch {run.epoch}/{run.config.epochs}", total=len(run.data.train), rate=0.0, loss=float("nan")
+                f"epoch {run.epoch}/{run.config.epochs}", total=len(run.data.train), status=""
             )
+            self._progress.start()
 
     def iteration_completed(self, run: Run) -> None:
+        now = time.perf_counter()
+        rate = run.seen / max(now - self._started, 1e-9)
+        loss = f"  loss {run.loss:.3f}" if run.loss is not None else ""
         if self._progress is not None:
-            rate = run.seen / max(time.perf_counter() - self._started, 1e-9)
-            self._progress.update(self._task, completed=run.seen, rate=rate, loss=run.loss)
+            self._progress.update(self._task, completed=run.seen, status=f"{rate:>7.0f} ex/s{loss}")
+        elif not self.quiet and now >= self._next_line:
+            self._next_line = now + self.log_every
+            total = len(run.data.train)
+            self._print(
+                f"epoch {run.epoch}/{run.config.epochs}  {run.seen}/{total} ({100 * run.seen / max(total, 1):.0f}%)  "
+                f"{rate:.0f} ex/s{loss}"
+            )
 
     def epoch_completed(self, run: Run) -> None:
-        if self._progress is not None:
-            self._progress.remove_task(self._task)
+        self.stop(run)
         if not self.quiet:
             self._print(_epoch_line(run))
 
     def completed(self, run: Run) -> None:
         self.stop(run)
         for line in closing_lines(run):
-            print(line, flush=True)
+            self._print(line)
 
     def stop(self, run: Run) -> None:
+        """Erase the bar (it is transient), so the next line starts on a clean row."""
         if self._progress is not None:
+            if self._task is not None:
+                self._progress.remove_task(self._task)
+                self._task = None
             self._progress.stop()
-            self._progress = None
+
+
+def _fit_to_terminal(line: str, separator: str = "  ") -> list[str]:
+    """``line`` as it is, or, when stdout is a terminal narrower than it, broken between its fields
+    (joined by ``separator``) with continuation lines indented: never a wrap inside a field."""
+    try:
+        width = os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else 0
+    except (AttributeError, ValueError, OSError):  # no real file descriptor (tests, notebooks)
+        width = 0
+    if width <= 0 or len(line) <= width:
+        return [line]
+    lines: list[str] = []
+    current = ""
+    for field in line.split(separator):
+        candidate = f"{current}{separator}{field}" if current else field
+        if current and len(candidate) > width:
+            lines.append(current)
+            candidate = f"    {field}"
+        current = candidate
+    lines.append(current)
+    return lines
 
 
 def default_handlers(config: TrainConfig) -> list[Feature]:
@@ -456,7 +552,10 @@ def default_handlers(config: TrainConfig) -> list[Feature]:
 
     Made before the run directory exists, so a missing optional package is reported first.
     """
-    features: list[Feature] = [RunFiles(), Checkpointer(), MetricsCSV(), CurvesPlot(), LogFile()]
+    # metrics.csv before the resume point (Checkpointer): a kill between them leaves the epoch
+    # unsaved, so --resume redoes it and rewrites metrics.csv whole; never a saved final epoch
+    # whose row is missing (only curves.png, drawn after, can lag one epoch behind a kill).
+    features: list[Feature] = [RunFiles(), MetricsCSV(), Checkpointer(), CurvesPlot(), LogFile()]
     if config.patience is not None:
         features.append(EarlyStopping(config.patience))
     if config.tensorboard:

@@ -19,9 +19,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cnnkit.checkpoint import atomic_write
-from cnnkit.errors import UsageError
+from cnnkit.errors import DataError, UsageError, WeightsError
+from cnnkit.protocols import DatasetSplits
 
-__all__ = ["STATE_NAME", "TrainerState", "save_state", "load_state"]
+__all__ = ["STATE_NAME", "TrainerState", "save_state", "load_state", "check_resume_point"]
 
 STATE_NAME = "state.safetensors"
 _META_KEY = "cnnkit-state"
@@ -111,32 +112,126 @@ def save_state(
 
 
 def load_state(path: str | Path) -> TrainerState:
-    """Read a resume point written by :func:`save_state` (tensors on the CPU)."""
+    """Read a resume point written by :func:`save_state` (tensors on the CPU).
+
+    A missing file is a UsageError (exit 2: the run has no resume point); a truncated, damaged or
+    hand-edited one is a WeightsError (exit 4) naming it.
+    """
     file = Path(path)
     if not file.is_file():
-        raise UsageError(
-            f"{file} does not exist: the run saved no resume point yet; start it again without --resume"
-        )
+        raise UsageError(f"{file} does not exist: the run saved no resume point yet; start it again without --resume")
     try:
         with safe_open(str(file), framework="pt") as handle:
             meta = json.loads((handle.metadata() or {})[_META_KEY])
         tensors = load_file(str(file), device="cpu")
-    except Exception as exc:  # any unreadable file is the same one-line story
-        raise UsageError(f"{file} is not a readable cnnkit trainer state ({type(exc).__name__}); start afresh") from exc
-    groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optimizer": {}, "rng": {}}
-    for key, value in tensors.items():
-        kind, _, name = key.partition(".")
-        if kind == "optimizer":
-            groups[kind][key] = value
-        else:
-            groups[kind][name] = value
-    return TrainerState(
-        epoch=int(meta["epoch"]),
-        step=int(meta["step"]),
-        best_acc=float(meta["best_acc"]),
-        best_epoch=int(meta["best_epoch"]),
-        history=list(meta["history"]),
-        model=groups["model"],
-        optimizer=_join_optimizer(groups["optimizer"], meta["optimizer"]) if meta["optimizer"]["param_groups"] else {},
-        rng=groups["rng"],
-    )
+        groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optimizer": {}, "rng": {}}
+        for key, value in tensors.items():
+            kind, _, name = key.partition(".")
+            if kind == "optimizer":
+                groups[kind][key] = value
+            else:
+                groups[kind][name] = value
+        state = TrainerState(
+            epoch=int(meta["epoch"]),
+            step=int(meta["step"]),
+            best_acc=float(meta["best_acc"]),
+            best_epoch=int(meta["best_epoch"]),
+            history=list(meta["history"]),
+            model=groups["model"],
+            optimizer=_join_optimizer(groups["optimizer"], meta["optimizer"])
+            if meta["optimizer"]["param_groups"]
+            else {},
+            rng=groups["rng"],
+        )
+        _check_consistent(state)
+    except Exception as exc:  # any unreadable or inconsistent file is the same one-line story
+        reason = (str(exc).splitlines() or [""])[0][:160] or type(exc).__name__
+        raise WeightsError(
+            f"{file} is not a readable cnnkit trainer state ({reason}); restore it from a backup, "
+            "or start a new run (the run's best.safetensors is still usable with eval and export)"
+        ) from exc
+    return state
+
+
+def _check_consistent(state: TrainerState) -> None:
+    """What a hand edit or a foreign file would break: raises ValueError saying what."""
+    if state.epoch < 1 or len(state.history) != state.epoch or not all(isinstance(r, dict) for r in state.history):
+        raise ValueError(f"epoch {state.epoch} with {len(state.history)} metrics rows")
+    if not 0 <= state.best_epoch <= state.epoch or state.step < 0:
+        raise ValueError(f"best epoch {state.best_epoch}, step {state.step} at epoch {state.epoch}")
+    if not state.model:
+        raise ValueError("no model tensors")
+    cpu = state.rng.get("cpu")
+    if cpu is None or cpu.dtype != torch.uint8 or cpu.ndim != 1:
+        raise ValueError("no CPU random-generator state")
+
+
+def check_resume_point(run_dir: Path, saved: TrainerState, model: nn.Module, data: DatasetSplits) -> None:
+    """Before a resumed run writes anything: the saved run still fits the data and model at hand.
+
+    The dataset must have the classes, channels and example counts the run was trained on
+    (else DataError, exit 3: resuming on other data would silently mix two experiments); the
+    resume point's tensors must fit the model the config builds, and the run's weights files
+    must be readable (else WeightsError, exit 4).
+    """
+    from cnnkit.checkpoint import BEST_NAME, LAST_NAME, read_meta
+
+    last = run_dir / LAST_NAME
+    if not last.is_file():
+        raise WeightsError(
+            f"{last} is missing although {run_dir / STATE_NAME} holds epoch {saved.epoch}; "
+            "restore it, or start a new run"
+        )
+    meta = read_meta(last)  # WeightsError when truncated or edited
+    recorded = _recorded_environment(run_dir)
+    # The run's own files must agree before the data is judged against them: a hand-edited file
+    # is the file's fault (exit 4), not the dataset's.
+    claims = {str(run_dir / "config.json"): recorded.get("classes")}
+    if (run_dir / BEST_NAME).is_file():
+        claims[str(run_dir / BEST_NAME)] = read_meta(run_dir / BEST_NAME).classes
+    for file, classes in claims.items():
+        if isinstance(classes, list) and classes != list(meta.classes):
+            raise WeightsError(
+                f"{last} and {file} disagree about the classes ({_short(list(meta.classes))} vs {_short(classes)}); "
+                "one of them was edited: restore it, or start a new run"
+            )
+    then = {
+        "classes": list(meta.classes),
+        "channels": meta.in_channels,
+        "train examples": recorded.get("train_examples"),
+        "test examples": recorded.get("test_examples"),
+    }
+    now = {"classes": list(data.classes), "channels": data.channels, "train examples": len(data.train),
+           "test examples": len(data.test)}  # fmt: skip
+    changed = [key for key, value in then.items() if value is not None and value != now[key]]
+    if changed:
+        differences = "; ".join(f"{key} {_short(then[key])} then, {_short(now[key])} now" for key in changed)
+        raise DataError(
+            f"the dataset at {data.source} changed since {run_dir} was trained ({differences}); "
+            "resume with the data it was trained on, or start a new run"
+        )
+    expected = {k: v.shape for k, v in _unwrap(model).state_dict().items()}
+    stored = {k: v.shape for k, v in saved.model.items()}
+    if expected != stored:
+        wrong = sorted(set(expected) ^ set(stored)) or [k for k in expected if expected[k] != stored[k]]
+        raise WeightsError(
+            f"{run_dir / STATE_NAME} does not fit the model its config.json builds (first difference: "
+            f"{wrong[0]}); the config or the state was edited: restore them, or start a new run"
+        )
+
+
+def _recorded_environment(run_dir: Path) -> dict[str, Any]:
+    """The ``environment`` a run recorded in its config.json (empty when absent)."""
+    try:
+        record = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        environment = record.get("environment", {})
+        return environment if isinstance(environment, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list):
+        shown = ", ".join(map(str, value[:5])) + (f" and {len(value) - 5} more" if len(value) > 5 else "")
+        return f"[{shown}]"
+    return str(value)

@@ -6,6 +6,12 @@ data, made the run directory and attached every handler (progress, log.txt, metr
 curves.png, checkpoints, early stopping, TensorBoard) to the events ``run`` emits. The loop keeps
 its sums on the device and reads them back once per epoch, plus once every ``report_every``
 seconds for the progress bar and the divergence check.
+
+Distributed (torchrun), nothing changes here but one factor: ``model`` arrives wrapped in DDP,
+``run.loader`` yields this rank's part of every global batch, and ``run.epoch_completed`` and
+``run.evaluate`` reduce the figures over the ranks. DDP averages the ranks' gradients, which is the
+global batch's mean gradient when the parts are equal; the loss of an unequal part (only a last,
+partial batch) is weighted so that it still is.
 """
 
 from __future__ import annotations
@@ -56,12 +62,14 @@ class StandardTrainer:
         train, test = run.loader("train"), run.loader("test")
         steps_per_epoch = len(train)
         lr_at = lr_schedule(config, steps_per_epoch)
+        global_sizes = _batch_sizes(train.num_examples, config.batch_size)
         scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype is torch.float16)
         autocast = torch.autocast(device.type, dtype=run.amp_dtype or torch.bfloat16, enabled=run.amp_dtype is not None)
         for epoch in run.epochs():
             step_losses = torch.zeros(steps_per_epoch, device=device)
             correct = torch.zeros((), dtype=torch.long, device=device)
             steps = seen = 0
+            sizes: list[float] = []
             net.train()
             started = next_report = time.perf_counter()
             # Shuffle and augment: the loader permutes and transforms whole batches on the device,
@@ -74,27 +82,32 @@ class StandardTrainer:
                 with autocast:
                     logits = net(images)
                     loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+                # This rank's share of the global batch (1 except in a partial last batch).
+                share = labels.shape[0] * run.world_size / global_sizes[steps]
                 # Backward and step (the scaler is a pass-through unless fp16).
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(loss if share == 1 else loss * share).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 # Accumulate on the device: no .item(), no sync.
                 step_losses[steps] = loss.detach()
                 correct += (logits.argmax(dim=1) == labels).sum()
                 run.step, steps, seen = run.step + 1, steps + 1, seen + labels.shape[0]
+                sizes.append(float(labels.shape[0]))
                 if time.perf_counter() >= next_report:  # throttled: the one mid-epoch sync
                     _check_finite(run, step_losses[:steps], lr_at)
-                    run.iteration_completed(seen, float(step_losses[:steps].mean()))
+                    # Progress counts the whole job's examples (every rank takes an equal part).
+                    run.iteration_completed(seen * run.world_size, float(step_losses[:steps].mean()))
                     next_report = time.perf_counter() + options.report_every
             # End of the epoch: one sync for the training sums, then evaluate on the test split.
             _check_finite(run, step_losses[:steps], lr_at)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - started
-            sizes = torch.tensor(_batch_sizes(seen, config.batch_size), device=device, dtype=torch.float32)
-            train_loss = float((step_losses[:steps] * sizes).sum()) / seen
-            # Checkpoints, metrics.csv, curves, progress and early stopping all listen to this.
+            weights = torch.tensor(sizes, device=device, dtype=torch.float32)
+            train_loss = float((step_losses[:steps] * weights).sum()) / seen
+            # Checkpoints, metrics.csv, curves, progress and early stopping all listen to this
+            # (distributed: this rank's figures, which run.epoch_completed reduces over the ranks).
             run.epoch_completed(
                 {"train_loss": train_loss, "train_acc": int(correct) / seen, **run.evaluate(net, test),
                  "lr": run.lr, "examples_per_s": seen / seconds, "epoch_seconds": seconds},

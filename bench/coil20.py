@@ -1,0 +1,225 @@
+"""The COIL-20 seed project's models on the real COIL-20: test accuracy per split, and wall time.
+
+    python bench/coil20.py                                     # everything: 6 models x 2 splits x 3 seeds
+    python bench/coil20.py --models lenet,alexnet --seeds 3 --epochs 10
+    python bench/coil20.py --models vgg16 --splits pose-block --seeds 1 --epochs 3
+    python bench/coil20.py --table                             # only print the table of what was recorded
+
+Each run trains with cnnkit's own run driver (what ``cnnkit train`` runs), with the model's default
+recipe at 64 px (or the smallest side above it the model accepts: AlexNet needs 65), on one of two
+splits of the 1,440 images: ``random`` (the seed project's seeded 9:1 split, stratified per object;
+the split itself is fixed, the training seed varies) and ``pose-block`` (poses 60-71 of every
+object held out: viewpoints never seen in training). Every finished run is appended to
+``--record`` (JSON lines), so the benchmark can be run in pieces and a run already recorded with
+the same settings is skipped; the markdown table of everything recorded (median final-epoch test
+accuracy over the seeds, each seed's, and the median wall time of one run) goes to stdout and
+``--markdown``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+# The seed project's models; VGG-16 with batch norm, as the seed trained it.
+MODELS: dict[str, dict[str, Any]] = {
+    "lenet": {},
+    "alexnet": {},
+    "googlenet": {},
+    "vgg16": {"batch_norm": True},
+    "resnet50": {},
+    "efficientnet_b0": {},
+}
+SPLITS = ("random", "pose-block")
+HERE = Path(__file__).resolve().parent
+
+
+def _key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (row["model"], row["split"], row["seed"], row["epochs"], row["input_size"], row["recipe"], row["batch_size"])
+
+
+def read_record(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def append_record(path: Path, row: dict[str, Any]) -> None:
+    from cnnkit.checkpoint import atomic_write
+
+    text = "".join(json.dumps(r) + "\n" for r in [*read_record(path), row])
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def input_side(model: str, options: dict[str, Any], wanted: int) -> int:
+    from cnnkit.registry import MODELS as REGISTRY
+    from cnnkit.summary import smallest_input_size
+
+    return max(wanted, smallest_input_size(REGISTRY.get(model), in_channels=1, num_classes=20, options=options))
+
+
+def run_one(
+    model: str, split: str, seed: int, epochs: int, side: int, recipe: str, batch_size: int | None, data: Any
+) -> dict[str, Any]:
+    import torch
+
+    from cnnkit.config import describe_config, resolve_config
+    from cnnkit.training.run import train
+
+    overrides = {"model": model, "recipe": recipe, "epochs": epochs, "input_size": side, "dataset": "coil20",
+                 "dataset_options": {"split": split}, "seed": seed, "device": "cpu", "quiet": True}  # fmt: skip
+    if batch_size is not None:
+        overrides["batch_size"] = batch_size
+    if MODELS.get(model):
+        overrides["model_options"] = dict(MODELS[model])
+    config = resolve_config(overrides=overrides)
+    with tempfile.TemporaryDirectory() as folder:
+        config = config.model_copy(update={"out": str(Path(folder) / "run")})
+        started = time.perf_counter()
+        result = train(config, data=data)
+        seconds = time.perf_counter() - started
+    accs = [float(row["test_acc"]) for row in result.history]
+    return {
+        "model": model, "options": MODELS.get(model, {}), "split": split, "seed": seed, "epochs": epochs,
+        "input_size": side, "recipe": recipe, "batch_size": config.batch_size, "config": describe_config(config), "test_acc": accs,
+        "final": accs[-1], "best": result.best_acc, "seconds": round(seconds, 1),
+        "examples_per_s": round(result.examples_per_s, 1), "train_examples": len(data.train),
+        "test_examples": len(data.test), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }  # fmt: skip
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """One line per (model, epochs, input, recipe): each split's median final accuracy and time."""
+    groups: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        groups[(row["model"], row["epochs"], row["input_size"], row["batch_size"], row["recipe"])][row["split"]].append(row)
+    order = {name: i for i, name in enumerate(MODELS)}
+    lines = [
+        "| model | input | batch | epochs | `random` test acc: median (seeds) | time/run | "
+        "`pose-block` test acc: median (seeds) | time/run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (model, epochs, side, batch, recipe), by_split in sorted(groups.items(), key=lambda g: (order.get(g[0][0], 99), g[0])):
+        cells = []
+        for split in SPLITS:
+            runs = sorted(by_split.get(split, []), key=lambda r: r["seed"])
+            if not runs:
+                cells += ["not run", ""]
+                continue
+            finals = [r["final"] for r in runs]
+            each = ", ".join(f"{f:.3f}" for f in finals)
+            cells += [
+                f"**{statistics.median(finals):.3f}** ({each})",
+                f"{statistics.median(r['seconds'] for r in runs):.0f} s",
+            ]
+        options = MODELS.get(model) or {}
+        label = f"`{model}`" + "".join(f" `-o {k}={str(v).lower()}`" for k, v in options.items())
+        label += "" if recipe == "default" else f" (`--recipe {recipe}`)"
+        lines.append(f"| {label} | {side} | {batch} | {epochs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(rows: list[dict[str, Any]], text: str, notes: list[str]) -> str:
+    """The markdown file: what ran where, the table, and each model's resolved hyperparameters."""
+    machines = sorted({f"torch {r['torch']}, {r['threads']} CPU thread{'' if r['threads'] == 1 else 's'}" for r in rows})
+    configs = {}
+    sizes = {r["split"]: f"{r['train_examples']:,} train / {r['test_examples']:,} test images" for r in rows}
+    for row in rows:
+        configs.setdefault((row["model"], row["recipe"]), row["config"])
+    lines = [
+        "# COIL-20: the seed project's models (`bench/coil20.py`)",
+        "",
+        f"Final-epoch test accuracy on the real COIL-20 (1,440 images, 20 objects x 72 poses), trained on the "
+        f"CPU ({'; '.join(machines) or 'nothing recorded'}). `random`: the seed's seeded 9:1 split, stratified per "
+        f"object ({sizes.get('random', '?')}, one fixed split); `pose-block`: poses 60-71 of "
+        f"every object held out ({sizes.get('pose-block', '?')}). Median over the training seeds, each seed's in brackets; time is the median wall time "
+        "of one run (training plus a test pass each epoch).",
+        "",
+        text,
+        "",
+        *[line for note in notes for line in (note, "")],
+        "Hyperparameters (each model's default recipe at this input size, as its first recorded run resolved them):",
+        "",
+        *[f"- `{model}`{'' if recipe == 'default' else f' ({recipe})'}: {config}"
+          for (model, recipe), config in configs.items()],
+        "",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments, train what is not yet recorded, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default: {','.join(MODELS)})")
+    parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated: random, pose-block")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1 (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0, help="start at this seed (to add seeds later)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--input-size", type=int, default=64, help="square side; raised to a model's smallest")
+    parser.add_argument("--recipe", default="default", choices=["default", "d2l"])
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the recipe's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 avoids oversubscribing a shared machine")  # fmt: skip
+    parser.add_argument("--data", default=None, help="the COIL-20 folder (default: $CNNKIT_DATA/coil-20)")
+    parser.add_argument("--record", type=Path, default=HERE / "results" / "coil20-runs.jsonl",
+                        help="JSON lines of finished runs (read to skip, appended to)")  # fmt: skip
+    parser.add_argument("--markdown", type=Path, default=HERE / "results" / "coil20.md", help="table output")
+    parser.add_argument("--note", action="append", default=[], help="a paragraph to add under the table")
+    parser.add_argument("--table", action="store_true", help="train nothing; print the table of what is recorded")
+    args = parser.parse_args(argv)
+
+    if not args.table:
+        import torch
+
+        from cnnkit.data import load_dataset
+        from cnnkit.registry import MODELS as REGISTRY
+
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+        unknown = [s for s in splits if s not in SPLITS]
+        if unknown:
+            parser.error(f"unknown split(s) {', '.join(unknown)}; use {', '.join(SPLITS)}")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(f"torch {torch.__version__} · {torch.get_num_threads()} threads · nice {os.nice(0)}", flush=True)
+        done = {_key(r) for r in read_record(args.record)}
+        for split in splits:
+            data = load_dataset("coil20", args.data, split=split)
+            for model in models:
+                side = input_side(model, MODELS.get(model, {}), args.input_size)
+                for seed in range(args.first_seed, args.first_seed + args.seeds):
+                    probe = {"model": model, "split": split, "seed": seed, "epochs": args.epochs,
+                             "input_size": side, "recipe": args.recipe,
+                             "batch_size": args.batch_size or REGISTRY.get(model).recipe.batch_size}  # fmt: skip
+                    if _key(probe) in done:
+                        print(f"{model} {split} seed {seed}: already recorded, skipped", flush=True)
+                        continue
+                    row = run_one(model, split, seed, args.epochs, side, args.recipe, args.batch_size, data)
+                    append_record(args.record, row)
+                    print(
+                        f"{model} {split} seed {seed} ({row['config']}): test acc per epoch "
+                        f"{' '.join(f'{a:.3f}' for a in row['test_acc'])}  final {row['final']:.3f}  "
+                        f"{row['seconds']:.0f} s",
+                        flush=True,
+                    )
+
+    text = table(read_record(args.record))
+    print(text)
+    if args.markdown:
+        from cnnkit.checkpoint import atomic_write
+
+        document = report(read_record(args.record), text, args.note)
+        atomic_write(args.markdown, lambda tmp: tmp.write_text(document, encoding="utf-8"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

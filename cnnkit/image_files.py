@@ -1,0 +1,108 @@
+"""One image file -> uint8 pixels, the same way for training folders and for ``cnnkit predict``.
+
+Only PIL and numpy are imported (``predict`` on an ONNX file runs without torch). What every
+image becomes, whatever its format (PNG, JPEG, BMP, TIFF, WebP, GIF's first frame):
+
+- its EXIF orientation is applied (``ImageOps.exif_transpose``), so a photo a camera stored
+  sideways with an "rotate 90" tag is used upright, as every viewer shows it;
+- 16-bit grayscale (PIL modes ``I;16*`` and ``I``) is scaled to 8 bits (value / 257), not clipped;
+- palette images are expanded (through RGBA when they have a transparent colour, so PIL does not
+  warn); an alpha channel is dropped, keeping the colours as stored;
+- grayscale and colour images mix freely: each is converted to the channel count asked for.
+
+An image with more pixels than PIL's safety limit (``PIL.Image.MAX_IMAGE_PIXELS``, about 89
+million) is refused before it is decoded: a decompression bomb costs no memory.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cnnkit.errors import DataError
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+__all__ = ["IMAGE_SUFFIXES", "read_image", "to_pixels", "check_pixel_count", "header"]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+"""File name endings read as images (any case); other files in a class folder are skipped."""
+
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+"""PIL modes holding one channel of intensity."""
+
+_ORIENTATION = 0x0112
+_SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
+
+
+def check_pixel_count(path: Path, image: PILImage.Image) -> None:
+    """DataError when ``image`` (opened, not decoded) is larger than PIL's decompression-bomb limit."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        raise DataError(
+            f"{path} is {image.width}x{image.height} = {image.width * image.height:,} pixels, more than "
+            f"PIL's safety limit of {limit:,} (a decompression bomb, or an image far too large); "
+            "shrink it or remove it"
+        )
+
+
+def _open(path: Path) -> PILImage.Image:
+    """``Image.open`` with PIL's bomb warning (1-2x the limit) turned into our one-line error."""
+    from PIL import Image
+
+    if threading.current_thread() is not threading.main_thread():
+        return Image.open(path)  # warning filters are process-wide; the main thread screened sizes first
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def header(path: Path) -> tuple[bool, tuple[int, int]]:
+    """(grayscale?, (height, width) as used, i.e. after the EXIF rotation) without decoding pixels."""
+    with _open(path) as image:
+        check_pixel_count(path, image)
+        height, width = image.height, image.width
+        if image.getexif().get(_ORIENTATION) in _SWAPS_SIDES:
+            height, width = width, height
+        return image.mode in GRAY_MODES, (height, width)
+
+
+def to_pixels(image: PILImage.Image, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """An opened image -> uint8 (channels, H, W): upright, 8-bit, resized to ``size`` (H, W) if given."""
+    from PIL import Image, ImageOps
+
+    upright = ImageOps.exif_transpose(image)
+    if upright.mode.startswith("I;16") or upright.mode == "I":
+        wide = np.asarray(upright, dtype=np.int64).clip(0, 65535)
+        upright = Image.fromarray(((wide + 128) // 257).astype(np.uint8), mode="L")
+    elif upright.mode == "P" and "transparency" in upright.info:
+        upright = upright.convert("RGBA")
+    converted = upright.convert("L" if channels == 1 else "RGB")
+    if size is not None and converted.size != (size[1], size[0]):
+        converted = converted.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    array = np.asarray(converted, dtype=np.uint8)
+    return np.ascontiguousarray(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+
+
+def read_image(path: Path, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """uint8 (channels, H, W) from an image file; DataError (exit 3) naming the file otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path} is empty (0 bytes); replace or remove it")
+        with _open(path) as opened:
+            check_pixel_count(path, opened)
+            return to_pixels(opened, channels, size)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path} is larger than PIL's safety limit ({exc}); shrink it or remove it") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(f"{path} is not a readable image ({reason}); replace or remove it") from exc

@@ -1,0 +1,527 @@
+"""ONNX export of cnnkit weights, its check in ONNX Runtime, and prediction from the ``.onnx`` file alone.
+
+``cnnkit export WEIGHTS --format onnx`` writes a graph that runs without PyTorch: input
+``input``, float32 (batch, C, S, S) already prepared as :mod:`cnnkit.prediction` does (0..1,
+resized to S, normalised), with a dynamic batch axis; output ``logits`` (batch, K). The graph's
+``metadata_props`` carry what a client needs to prepare images and name the classes (see
+:data:`METADATA_KEYS`); ``cnnkit`` holds the whole weights metadata as JSON, as in a
+``.safetensors`` file.
+
+The exporter is PyTorch's TorchScript-based one (``torch.onnx.export(..., dynamo=False)``) at
+opset :data:`OPSET`: it needs only the ``onnx`` package and exports these networks in a fraction
+of a second, where the ``torch.export``-based exporter also needs ``onnxscript`` and took about
+4 s per model here (PyTorch 2.14). It cannot express adaptive average pooling whose output side
+does not divide its input side (AlexNet, VGG and LeNet away from their recipe sizes), so such
+layers are exported as the two constant averaging matrices that the pooling is at the traced size.
+
+Reading a ``.onnx`` file (:func:`load_onnx`, :func:`predict_onnx`, :func:`read_onnx_info`) imports
+neither torch nor anything that does; only exporting and checking against PyTorch need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import io
+import json
+import math
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+import cnnkit
+from cnnkit.errors import UsageError, WeightsError
+from cnnkit.prediction import Prediction, decode_images, prepare_batch, rank
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from cnnkit.checkpoint import WeightsMeta
+
+__all__ = [
+    "OPSET",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "DEFAULT_TOLERANCE",
+    "INSTALL_HINT",
+    "METADATA_KEYS",
+    "OnnxInfo",
+    "OnnxCheck",
+    "OnnxExport",
+    "OnnxModel",
+    "require",
+    "model_to_onnx",
+    "check_onnx",
+    "export_onnx",
+    "read_onnx_info",
+    "load_onnx",
+    "predict_onnx",
+]
+
+OPSET = 17
+"""The ONNX opset the graphs are written in (ONNX Runtime 1.14 and later run it)."""
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+DEFAULT_TOLERANCE = 1e-3
+"""Largest accepted |ONNX Runtime - PyTorch| logit difference, relative to the largest logit
+magnitude when that exceeds 1 (so it is absolute for small logits)."""
+CHECK_EXAMPLES = 8
+"""Images in the check batch (not the traced batch of 2, so the dynamic axis is exercised too)."""
+INSTALL_HINT = "pip install 'cnnkit[onnx]'"
+
+METADATA_KEYS: dict[str, str] = {
+    "cnnkit": "the whole weights metadata as JSON (what a .safetensors file holds under the same key)",
+    "model": "registered model name, e.g. resnet18",
+    "classes": "JSON list of class names in logit order",
+    "in_channels": "1 (grayscale) or 3 (RGB)",
+    "input_size": "square side S in pixels",
+    "mean": "JSON list, per-channel mean on the 0..1 scale, or null (no normalisation)",
+    "std": "JSON list, per-channel standard deviation on the 0..1 scale, or null",
+    "preprocessing": "the preprocessing in words",
+    "cnnkit_version": "the cnnkit version that exported the file",
+}
+"""The ``metadata_props`` of an exported graph and what each holds (all values are strings)."""
+
+
+def require(module: str, purpose: str) -> Any:
+    """Import an optional dependency, or raise a one-line UsageError (exit 2) saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise UsageError(f"{purpose} needs the '{module}' package, which is not installed; {INSTALL_HINT}") from exc
+
+
+def _optional(module: str) -> Any | None:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def _reason(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+# -- metadata ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OnnxInfo:
+    """What an exported graph says about itself: enough to prepare images and name the outputs."""
+
+    model: str
+    classes: list[str]
+    in_channels: int
+    input_size: int
+    mean: list[float] | None
+    std: list[float] | None
+    cnnkit_version: str
+    meta_json: str
+    """The full weights metadata (``cnnkit.checkpoint.WeightsMeta`` as JSON)."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _metadata_props(meta: WeightsMeta) -> dict[str, str]:
+    normalised = meta.mean is not None and meta.std is not None
+    colour = "grayscale" if meta.in_channels == 1 else "RGB"
+    steps = f"{colour} pixels / 255, resized to {meta.input_size}x{meta.input_size} (bilinear, antialiased)"
+    steps += ", then (x - mean) / std per channel" if normalised else " (no normalisation)"
+    return {
+        "cnnkit": meta.model_dump_json(),
+        "model": meta.model,
+        "classes": json.dumps(list(meta.classes)),
+        "in_channels": str(meta.in_channels),
+        "input_size": str(meta.input_size),
+        "mean": json.dumps(meta.mean if normalised else None),
+        "std": json.dumps(meta.std if normalised else None),
+        "preprocessing": f"{steps}; NCHW float32 input '{INPUT_NAME}', output '{OUTPUT_NAME}'",
+        "cnnkit_version": cnnkit.__version__,
+    }
+
+
+def _info_from_props(path: Path, props: Mapping[str, str]) -> OnnxInfo:
+    if "cnnkit" not in props:
+        raise WeightsError(
+            f"{path} is an ONNX model but carries no cnnkit metadata; only files written by "
+            "'cnnkit export --format onnx' can be used"
+        )
+    try:
+        raw = json.loads(props["cnnkit"])
+        classes, mean, std = json.loads(props["classes"]), json.loads(props["mean"]), json.loads(props["std"])
+        info = OnnxInfo(
+            model=str(props["model"]), classes=[str(c) for c in classes], in_channels=int(props["in_channels"]),
+            input_size=int(props["input_size"]), mean=None if mean is None else [float(v) for v in mean],
+            std=None if std is None else [float(v) for v in std],
+            cnnkit_version=str(props.get("cnnkit_version", raw.get("cnnkit_version", "?"))), meta_json=props["cnnkit"],
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{path} has corrupt cnnkit metadata ({_reason(exc)}); re-export it") from exc
+    if not info.classes or info.in_channels < 1 or info.input_size < 1:
+        raise WeightsError(f"{path} has corrupt cnnkit metadata (no classes, channels or size); re-export it")
+    return info
+
+
+# -- export -----------------------------------------------------------------------------------------
+
+
+def _pool_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """(size_out, size_in) weights of 1-D adaptive average pooling: window i is floor(i*n/m)..ceil((i+1)*n/m)."""
+    import torch
+
+    matrix = torch.zeros(size_out, size_in)
+    for i in range(size_out):
+        start, end = (i * size_in) // size_out, -(-(i + 1) * size_in // size_out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+@functools.cache
+def _matrix_pool_class() -> type[nn.Module]:
+    from torch import nn
+
+    class MatrixAveragePool(nn.Module):
+        """Adaptive average pooling at one fixed input size, as ``rows @ x @ cols`` (two MatMuls in ONNX)."""
+
+        def __init__(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+            super().__init__()
+            self.rows, self.cols = rows, cols
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.rows @ x) @ self.cols
+
+    return MatrixAveragePool
+
+
+@contextlib.contextmanager
+def _exportable_pooling(model: nn.Module, example: torch.Tensor) -> Iterator[None]:
+    """Within the block, adaptive average pools the exporter cannot express are matrix products."""
+    import torch
+    from torch import nn
+
+    def is_global(size: Any) -> bool:
+        return all(side == 1 for side in (size if isinstance(size, tuple) else (size, size)))
+
+    # Pooling to 1x1 (a GlobalAveragePool) always exports; only the others need the input size.
+    pools = {
+        name: m for name, m in model.named_modules()
+        if isinstance(m, nn.AdaptiveAvgPool2d) and not is_global(m.output_size)
+    }  # fmt: skip
+    if not pools:
+        yield
+        return
+    seen: dict[str, set[tuple[int, int]]] = {name: set() for name in pools}
+
+    def record(name: str, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        seen[name].add((int(args[0].shape[-2]), int(args[0].shape[-1])))
+
+    hooks = [m.register_forward_pre_hook(functools.partial(record, name)) for name, m in pools.items()]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for name, pool in pools.items():
+            if len(seen[name]) != 1:
+                continue  # not run, or shared between inputs of several sizes: left to the exporter
+            ((height, width),) = seen[name]
+            out = pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size,) * 2
+            out_h, out_w = out[0] or height, out[1] or width
+            if height % out_h == 0 and width % out_w == 0:
+                continue  # the exporter writes a plain AveragePool (or GlobalAveragePool) here
+            parent_name, _, attribute = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            rows = _pool_matrix(height, out_h).to(example.device)
+            cols = _pool_matrix(width, out_w).T.contiguous().to(example.device)
+            replacement = _matrix_pool_class()(rows, cols)
+            setattr(parent, attribute, replacement)
+            swapped.append((parent, attribute, pool))
+        yield
+    finally:
+        for parent, attribute, original in swapped:
+            setattr(parent, attribute, original)
+
+
+def model_to_onnx(model: nn.Module, meta: WeightsMeta) -> bytes:
+    """Serialised ONNX graph of ``model`` (eval mode) at ``meta``'s channels and input size, with metadata.
+
+    The batch axis is dynamic. Raises UsageError (exit 2) when ``onnx`` is missing or the exporter
+    cannot convert the model.
+    """
+    onnx = require("onnx", "ONNX export")
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    example = torch.zeros(2, meta.in_channels, meta.input_size, meta.input_size, device=device)
+    buffer = io.BytesIO()
+    destination: Any = buffer  # the TorchScript exporter writes to file objects too; its type hints omit them
+    try:
+        with _exportable_pooling(model, example), warnings.catch_warnings():
+            # The TorchScript exporter announces its deprecation on every call; it is chosen on purpose.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (example,), destination, dynamo=False, opset_version=OPSET,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )  # fmt: skip
+    except torch.onnx.errors.OnnxExporterError as exc:
+        raise UsageError(
+            f"model '{meta.model}' at {meta.in_channels}x{meta.input_size}x{meta.input_size} cannot be exported "
+            f"to ONNX ({_reason(exc)}); export it as --format safetensors instead"
+        ) from exc
+    finally:
+        model.train(was_training)
+    proto = onnx.load_from_string(buffer.getvalue())
+    for key, value in _metadata_props(meta).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.doc_string = f"cnnkit {meta.model}: {meta.in_channels}x{meta.input_size}x{meta.input_size} -> {meta.num_classes} logits"
+    onnx.checker.check_model(proto)
+    data: bytes = proto.SerializeToString()
+    return data
+
+
+@dataclass(frozen=True)
+class OnnxCheck:
+    """ONNX Runtime's logits against PyTorch's on the same batch."""
+
+    max_abs_diff: float
+    max_abs_logit: float
+    tolerance: float
+    examples: int
+    runtime: str
+    """E.g. ``onnxruntime 1.20.1``."""
+
+    @property
+    def limit(self) -> float:
+        """The largest accepted difference: ``tolerance`` scaled by the logits' magnitude when above 1."""
+        return self.tolerance * max(1.0, self.max_abs_logit)
+
+    @property
+    def passed(self) -> bool:
+        return math.isfinite(self.max_abs_diff) and self.max_abs_diff <= self.limit
+
+    def describe(self) -> str:
+        return (
+            f"checked with {self.runtime} on {self.examples} random images: max abs logit difference "
+            f"{self.max_abs_diff:.1e} (tolerance {self.limit:.1e})"
+        )
+
+
+def _check_batch(meta: WeightsMeta, examples: int) -> np.ndarray:
+    # Random pixel images prepared exactly as predict prepares files: inputs in the range and
+    # normalisation the model sees in use, not the all-zero tensor it was traced with.
+    rng = np.random.default_rng(0)
+    side = meta.input_size
+    pixels = [rng.integers(0, 256, (meta.in_channels, side, side), dtype=np.uint8) for _ in range(examples)]
+    return prepare_batch(pixels, side, meta.mean, meta.std)
+
+
+def check_onnx(
+    onnx_model: bytes | str | Path,
+    model: nn.Module,
+    meta: WeightsMeta,
+    tolerance: float = DEFAULT_TOLERANCE,
+    examples: int = CHECK_EXAMPLES,
+) -> OnnxCheck:
+    """Run one batch through ONNX Runtime and through ``model``; the largest logit difference.
+
+    Needs ``onnxruntime`` (UsageError, exit 2, when missing). Does not raise on a mismatch: see
+    :attr:`OnnxCheck.passed`.
+    """
+    ort = require("onnxruntime", "checking an ONNX export")
+    import torch
+
+    batch = _check_batch(meta, examples)
+    source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
+    session = ort.InferenceSession(source, _session_options(ort), providers=["CPUExecutionProvider"])
+    (ort_logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            torch_logits = model(torch.from_numpy(batch).to(device)).float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    if ort_logits.shape != torch_logits.shape:
+        diff = math.inf
+    else:
+        diff = float(np.abs(ort_logits.astype(np.float64) - torch_logits).max())
+    return OnnxCheck(diff, float(np.abs(torch_logits).max()), tolerance, examples, f"onnxruntime {ort.__version__}")
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """What :func:`export_onnx` wrote and how it was checked."""
+
+    path: Path
+    source: Path
+    meta: WeightsMeta
+    bytes: int
+    check: OnnxCheck | None
+    """None when not checked (see ``unchecked``)."""
+    unchecked: str | None = None
+    """Why the export was not checked; None when it was, or when checking was turned off."""
+
+    def describe(self) -> str:
+        meta = self.meta
+        return (
+            f"wrote {self.path} ({meta.model}, ONNX opset {OPSET}, input batch x {meta.in_channels}x"
+            f"{meta.input_size}x{meta.input_size} float32, {self.bytes / 1e6:.2f} MB) from {self.source}"
+        )
+
+
+def export_onnx(
+    source: str | Path,
+    out: str | Path,
+    *,
+    force: bool = False,
+    check: bool | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> OnnxExport:
+    """Export a weights file (or run directory) to ``out`` (``.onnx``), atomically.
+
+    ``check``: True runs the graph in ONNX Runtime against PyTorch and fails (WeightsError, exit 4,
+    nothing written) above ``tolerance``; None does so when ``onnxruntime`` is installed; False
+    skips it. A missing ``onnx`` (or, with ``check=True``, ``onnxruntime``) is a UsageError (exit 2).
+    """
+    from cnnkit.checkpoint import atomic_write, load_weights, resolve_weights
+
+    target = Path(out)
+    if target.suffix.lower() != ".onnx":
+        raise UsageError(f"--out {target} must end in .onnx for --format onnx (e.g. --out {target.with_suffix('.onnx')})")
+    if target.is_dir():
+        raise UsageError(f"--out {target} is a folder; name the file, e.g. --out {target / 'model.onnx'}")
+    if target.exists() and not force:
+        raise UsageError(f"{target} already exists; pass --force to overwrite it or choose another --out")
+    if not (tolerance > 0):
+        raise UsageError(f"--tolerance must be > 0, got {tolerance}")
+    require("onnx", "--format onnx")
+    unchecked = None
+    if check is True:
+        require("onnxruntime", "--check")
+    elif check is None and _optional("onnxruntime") is None:
+        unchecked = f"not checked in ONNX Runtime: onnxruntime is not installed; {INSTALL_HINT}"
+
+    file = resolve_weights(source)
+    model, meta = load_weights(file)
+    data = model_to_onnx(model, meta)
+    result = None
+    if check is not False and unchecked is None:
+        result = check_onnx(data, model, meta, tolerance)
+        if not result.passed:
+            raise WeightsError(
+                f"ONNX Runtime's logits for {file} differ from PyTorch's by {result.max_abs_diff:.1e} "
+                f"(tolerance {result.limit:.1e}); {target} was not written; pass --no-check to write it anyway"
+            )
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    atomic_write(target, write)
+    return OnnxExport(target, file, meta, len(data), result, unchecked)
+
+
+# -- reading and running ----------------------------------------------------------------------------
+
+
+def _session_options(ort: Any) -> Any:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: no optimiser chatter on stderr
+    return options
+
+
+def _providers(ort: Any, device: str) -> list[Any]:
+    available = ort.get_available_providers()
+    wanted = device.strip().lower()
+    if wanted in {"auto", "cpu"}:
+        cuda = wanted == "auto" and "CUDAExecutionProvider" in available
+        return (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
+    if (wanted == "cuda" or wanted.startswith("cuda:")) and "CUDAExecutionProvider" in available:
+        index = int(wanted.partition(":")[2] or 0)
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    raise UsageError(
+        f"--device {device} is not available to ONNX Runtime here (it offers {', '.join(available)}); "
+        "use --device cpu or auto"
+    )
+
+
+class OnnxModel:
+    """An exported graph opened in ONNX Runtime, with the metadata to prepare its inputs."""
+
+    def __init__(self, path: Path, session: Any, info: OnnxInfo) -> None:
+        self.path, self.session, self.info = path, session, info
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """(N, K) float32 logits of a prepared (N, C, S, S) float32 batch."""
+        (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
+        return np.asarray(out)
+
+    def predict(self, images: Sequence[str | Path], top: int = 5) -> list[Prediction]:
+        """The ``top`` most probable classes of each image file."""
+        info = self.info
+        batch = prepare_batch(decode_images(images, info.in_channels), info.input_size, info.mean, info.std)
+        return rank(images, self.logits(batch), info.classes, top)
+
+
+def load_onnx(path: str | Path, device: str = "auto") -> OnnxModel:
+    """Open a ``.onnx`` file written by ``cnnkit export --format onnx`` in ONNX Runtime.
+
+    A missing, unreadable or foreign file is a one-line WeightsError (exit 4); a missing
+    ``onnxruntime`` a UsageError (exit 2).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise WeightsError(f"weights {file} do not exist; pass a .onnx file written by 'cnnkit export --format onnx'")
+    ort = require("onnxruntime", f"running {file}")
+    providers = _providers(ort, device)
+    if file.stat().st_size == 0:
+        raise WeightsError(f"weights {file} is empty; re-export it with 'cnnkit export --format onnx'")
+    try:
+        session = ort.InferenceSession(str(file), _session_options(ort), providers=providers)
+    except Exception as exc:  # InvalidProtobuf, Fail, InvalidGraph, …: any unreadable file is one message
+        raise WeightsError(
+            f"weights {file} is not a readable ONNX model ({_reason(exc)}); re-export it with "
+            "'cnnkit export --format onnx'"
+        ) from exc
+    info = _info_from_props(file, session.get_modelmeta().custom_metadata_map)
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    shape = list(inputs[0].shape) if len(inputs) == 1 else []
+    if (
+        len(inputs) != 1 or inputs[0].name != INPUT_NAME or shape[1:] != [info.in_channels, info.input_size, info.input_size]
+        or not any(o.name == OUTPUT_NAME for o in outputs)
+    ):  # fmt: skip
+        raise WeightsError(
+            f"weights {file} take input {shape or '?'} but their metadata says {info.in_channels}x{info.input_size}x"
+            f"{info.input_size}; the graph was changed after export, re-export it"
+        )
+    return OnnxModel(file, session, info)
+
+
+def read_onnx_info(path: str | Path) -> OnnxInfo:
+    """The cnnkit metadata of a ``.onnx`` file (opened in ONNX Runtime, which checks it too)."""
+    return load_onnx(path, device="cpu").info
+
+
+def predict_onnx(
+    path: str | Path, images: Sequence[str | Path], top: int = 5, device: str = "auto"
+) -> list[Prediction]:
+    """``cnnkit predict`` for a ``.onnx`` file: the ``top`` most probable classes of each image file."""
+    if top < 1:
+        raise UsageError(f"--top must be >= 1, got {top}")
+    if not images:
+        raise UsageError("no images given; pass one or more image files")
+    return load_onnx(path, device).predict(images, top)

@@ -1,0 +1,249 @@
+"""Distributed training on torchrun: 2 CPU processes (gloo) against 1, through the real launchers.
+
+A plugin distribution on PYTHONPATH (as tests/test_trainer_plugin.py installs one) provides a small
+model without BatchNorm, whose 2-process run must match the 1-process run, and a trainer that fails
+on rank 1, so that no test hook lives in cnnkit itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_train_cli import write_idx_folder
+
+from cnnkit.cli.app import app
+from cnnkit.config import resolve_config
+from cnnkit.data.batches import BatchLoader
+from cnnkit.errors import UsageError
+from cnnkit.protocols import ImageTensors
+from cnnkit.registry import MODELS, TRAINERS
+from cnnkit.training.distributed import Topology
+from cnnkit.training.run import _check_distributable, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PLUGIN = """
+    import os
+
+    from pydantic import BaseModel, ConfigDict, Field
+    from torch import nn
+
+    from cnnkit.errors import DataError
+    from cnnkit.models import Architecture
+    from cnnkit.protocols import Recipe
+    from cnnkit.training.events import Events
+    from cnnkit.training.trainer import StandardOptions, StandardTrainer
+
+
+    class NoOptions(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+    def _tiny(in_channels, num_classes, options):
+        return nn.Sequential(
+            nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(64, num_classes),
+        )
+
+
+    TINY = Architecture(
+        name="tinynet", summary="two convolutions, no BatchNorm (tests)", paper="none", options=NoOptions,
+        builder=_tiny,
+        recipe=Recipe(input_size=16, batch_size=32, epochs=3, optimizer="sgd", lr=0.1, momentum=0.9,
+                      weight_decay=0.0, schedule="constant", warmup=0.0, label_smoothing=0.0, normalize=True),
+    )
+
+
+    class FlakyOptions(StandardOptions):
+        fail_epoch: int = Field(1, description="Epoch in which rank 1 fails.")
+        first_attempt_only: bool = Field(False, description="Fail only before torchrun's first restart.")
+
+
+    class FlakyTrainer(StandardTrainer):
+        name = "flaky"
+        summary = "the standard trainer, but rank 1 fails in a chosen epoch (tests)"
+        options = FlakyOptions
+
+        def fit(self, model, data, config, run):
+            def fail(run):
+                restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+                if run.rank == 1 and run.epoch == run.options.fail_epoch and not (
+                    run.options.first_attempt_only and restarted
+                ):
+                    raise DataError("cannot read its shard (injected failure)")
+
+            run.events.on(Events.EPOCH_STARTED, fail)
+            return super().fit(model, data, config, run)
+"""
+
+TOLERANCE = 1e-4
+"""Loss (and accuracy) of 2 processes vs 1: only the order of float additions differs (DDP's
+gradient average, the sharded evaluation's sums), a few 1e-7 per epoch on this model."""
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("site")
+    info = root / "cnnkit_distplug-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cnnkit-distplug\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[cnnkit.models]\ntinynet = fakeplug_dist:TINY\n[cnnkit.trainers]\nflaky = fakeplug_dist:FlakyTrainer\n"
+    )
+    (root / "fakeplug_dist.py").write_text(textwrap.dedent(PLUGIN))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(root))
+        MODELS.refresh()
+        TRAINERS.refresh()
+        yield root
+    sys.modules.pop("fakeplug_dist", None)
+    MODELS.refresh()
+    TRAINERS.refresh()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_idx_folder(tmp_path_factory.mktemp("fmnist"), train=192, test=64)
+
+
+def env(site: Path, cache: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1", "CNNKIT_CACHE": str(cache), "CNNKIT_DEBUG": "0"}  # fmt: skip
+
+
+def train_args(data: Path, *extra: str) -> list[str]:
+    return ["train", "tinynet", "--data", str(data), "--device", "cpu", *extra]
+
+
+def rows(run: Path) -> list[dict[str, float]]:
+    with open(run / "metrics.csv", newline="") as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def assert_same_metrics(got: list[dict[str, float]], want: list[dict[str, float]]) -> None:
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
+            assert a[key] == pytest.approx(b[key], abs=TOLERANCE), (a["epoch"], key)
+
+
+@pytest.fixture(scope="module")
+def one_process(site: Path, data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, float]]:
+    """The reference: 4 epochs in one process (in process, through the library)."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    config = resolve_config(overrides={"model": "tinynet", "data": str(data), "device": "cpu", "epochs": 4,
+                                       "out": str(out), "quiet": True})  # fmt: skip
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        history = train(config).history
+    finally:
+        torch.set_num_threads(before)
+    assert history[-1]["test_acc"] > 0.3  # it learns (chance is 0.1), so equal figures mean something
+    return rows(out)
+
+
+@pytest.fixture(scope="module")
+def restarted(
+    site: Path, data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """torchrun, 2 processes, --max-restarts 1: rank 1 fails in epoch 2 of the first attempt; the
+    restarted workers find the run by torchrun's run id (no --out) and continue it."""
+    runs = tmp_path_factory.mktemp("runs")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "--max-restarts", "1", "--monitor-interval", "0.1", "-m", "cnnkit",
+               *train_args(data, "--runs-dir", str(runs), "--trainer", "flaky", "-t", "fail_epoch=2",
+                           "-t", "first_attempt_only=true")]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240,
+                          env=env(site, tmp_path_factory.mktemp("cache")))  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = list(runs.glob("*/*"))
+    assert len(found) == 1, found  # one run directory: rank 0's, reused by the restart
+    return found[0], done
+
+
+def test_two_processes_match_one_and_a_restart_continues_the_run(
+    restarted: tuple[Path, subprocess.CompletedProcess[str]], one_process: list[dict[str, float]]
+) -> None:
+    run, done = restarted
+    assert_same_metrics(rows(run), one_process[:3])
+    # The first attempt's failure was rank 1's one line; the restart resumed after epoch 1.
+    assert "cnnkit: error: rank 1: cannot read its shard (injected failure)" in done.stderr
+    log = (run / "log.txt").read_text()
+    assert "resumed after epoch 1" in log
+    # Only rank 0 printed and wrote: every epoch once in the log and on stdout.
+    for epoch in (1, 2, 3):
+        assert log.count(f"  epoch {epoch}/3 ") == 1
+        assert done.stdout.count(f"epoch {epoch}/3 ") == 1
+    record = json.loads((run / "config.json").read_text())
+    assert record["environment"]["world_size"] == 2 and record["environment"]["backend"] == "gloo"
+    assert record["config"]["batch_size"] == 32  # the global batch, as given
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["best.safetensors", "config.json", "curves.png", "last.safetensors", "log.txt", "metrics.csv",
+         "state.safetensors"]
+    )  # fmt: skip
+
+
+def test_a_two_process_run_resumes_in_one_process(
+    runner, restarted: tuple[Path, subprocess.CompletedProcess[str]], one_process: list[dict[str, float]],  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    run = tmp_path / "run"
+    shutil.copytree(restarted[0], run)
+    result = runner.invoke(app, ["train", "--resume", str(run), "--epochs", "4", "-q"])
+    assert result.exit_code == 0, result.output
+    assert_same_metrics(rows(run), one_process)
+    record = json.loads((run / "config.json").read_text())
+    assert record["environment"]["world_size"] == 1 and record["environment"]["backend"] is None
+
+
+def test_a_failing_rank_ends_an_nproc_job_with_its_error_and_exit_code(
+    site: Path, data: Path, tmp_path: Path, one_process: list[dict[str, float]]
+) -> None:
+    out = tmp_path / "run"
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "cnnkit", *train_args(data, "--out", str(out), "--trainer", "flaky", "-t",
+                                                    "fail_epoch=2", "--nproc", "2", "-q")],
+        capture_output=True, text=True, timeout=180, env=env(site, tmp_path / "cache"),
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr  # the failing rank's own exit code (DataError)
+    assert time.monotonic() - started < 120  # no hang: the other rank did not wait for its timeout
+    assert "cnnkit: error: rank 1: cannot read its shard (injected failure)" in done.stderr
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr
+    assert_same_metrics(rows(out), one_process[:1])  # epoch 1 of --nproc 2 was saved, and equal
+
+
+def test_shards_of_every_global_batch_add_up_to_the_whole_batch() -> None:
+    images = torch.randint(0, 256, (70, 1, 8, 8), dtype=torch.uint8)
+    split = ImageTensors(images, torch.arange(70))
+    options: dict[str, Any] = {"batch_size": 16, "image_size": 8, "augment": True, "shuffle": True, "seed": 3}
+    whole = list(BatchLoader(split, **options).epoch(2))
+    parts = [list(BatchLoader(split, shard=(rank, 3), **options).epoch(2)) for rank in range(3)]
+    assert all(len(p) == len(whole) for p in parts)
+    for step, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([p[step][1] for p in parts]), y)  # every example once
+        assert torch.equal(torch.cat([p[step][0] for p in parts]), x)  # and augmented the same
+    assert [p[-1][1].shape[0] for p in parts] == [2, 2, 2]  # the last batch (6) split evenly
+
+
+def test_the_global_batch_must_divide_over_the_processes(tmp_path: Path) -> None:
+    config = resolve_config(overrides={"model": "lenet", "batch_size": 30})
+    with pytest.raises(UsageError, match="global batch and must divide evenly over 4 processes.*use 28 or 32"):
+        _check_distributable(config, Topology(rank=0, world_size=4, backend="gloo"))
+    with pytest.raises(UsageError, match="--sync-bn needs CUDA"):
+        _check_distributable(config.model_copy(update={"batch_size": 32, "sync_bn": True}),
+                             Topology(world_size=2, backend="gloo"))  # fmt: skip
