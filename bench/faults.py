@@ -36,12 +36,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import gzip
 import json
 import os
 import random
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -49,6 +47,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cnnkit.testing import write_fashion_mnist_folder as write_idx_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -78,23 +78,6 @@ class Case:
 # -- data -----------------------------------------------------------------------------------------------------
 
 
-def write_idx_folder(folder: Path, train: int = 320, test: int = 80, seed: int = 0) -> Path:
-    """A Fashion-MNIST-format folder (gzipped IDX), 10 classes told apart by a bright band's row."""
-    import numpy as np
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for prefix, n in (("train", train), ("t10k", test)):
-        labels = np.arange(n) % 10
-        images = rng.random((n, 28, 28)) * 80
-        for c in range(10):
-            images[labels == c, 2 * c + 3 : 2 * c + 7, :] += 150
-        pixels = images.clip(0, 255).astype(np.uint8).tobytes()
-        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as handle:
-            handle.write(struct.pack(">IIII", 2051, n, 28, 28) + pixels)
-        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as handle:
-            handle.write(struct.pack(">II", 2049, n) + labels.astype(np.uint8).tobytes())
-    return folder
 
 
 def write_image_folder(

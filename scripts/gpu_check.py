@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import gzip
 import importlib.util
 import json
 import os
@@ -34,7 +33,6 @@ import platform
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -205,23 +203,6 @@ def find_fashion_mnist() -> tuple[Path | None, list[Path]]:
     return next((folder for folder in looked if holds_fashion_mnist(folder)), None), looked
 
 
-def write_tiny_fashion_mnist(folder: Path, train: int = 512, test: int = 128, seed: int = 0) -> Path:
-    """A Fashion-MNIST-format folder of generated 28x28 images (a bright band per class) for the dry run."""
-    import torch
-
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    for prefix, n in (("train", train), ("t10k", test)):
-        labels = torch.arange(n) % 10
-        images = torch.rand(n, 28, 28, generator=generator) * 80
-        for c in range(10):
-            images[labels == c, 2 * c + 3 : 2 * c + 7, :] += 150
-        pixels = images.clamp(0, 255).to(torch.uint8).numpy().tobytes()
-        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb", compresslevel=1) as handle:
-            handle.write(struct.pack(">IIII", 2051, n, 28, 28) + pixels)
-        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb", compresslevel=1) as handle:
-            handle.write(struct.pack(">II", 2049, n) + labels.to(torch.uint8).numpy().tobytes())
-    return folder
 
 
 def ensure_installed() -> str | None:
@@ -533,7 +514,9 @@ def main(argv: list[str] | None = None, *, settings_for: Callable[[Path], Settin
     try:
         found, looked = find_fashion_mnist()
         if dry:
-            data = write_tiny_fashion_mnist(work / "fashion-mnist")
+            from cnnkit.testing import write_fashion_mnist_folder
+
+            data = write_fashion_mnist_folder(work / "fashion-mnist", train=512, test=128)
             env["OMP_NUM_THREADS"] = "1"  # tiny models on shared cores: threads only spin
             env["CUDA_VISIBLE_DEVICES"] = ""  # a dry run on a GPU machine stays on the CPU, as it says
         elif found is None:

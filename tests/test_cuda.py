@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import gzip
 import math
 import os
-import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -30,6 +28,7 @@ from cnnkit.cli.app import app
 from cnnkit.device import resolve_device
 from cnnkit.errors import UsageError
 from cnnkit.gpu import is_out_of_memory, out_of_memory_as_usage_error, out_of_memory_error
+from cnnkit.testing import write_fashion_mnist_folder as write_idx_folder
 
 HAS_CUDA = torch.cuda.is_available()
 TIMING = {"examples_per_s", "epoch_seconds"}
@@ -45,21 +44,6 @@ def on_cuda(test: Callable[..., Any]) -> Callable[..., Any]:
     return pytest.mark.cuda(pytest.mark.skipif(not HAS_CUDA, reason=reason)(test))
 
 
-def write_idx_folder(folder: Path, train: int = 320, test: int = 80, seed: int = 0) -> Path:
-    """A Fashion-MNIST-format folder (gzipped IDX, 28x28) whose class is a bright band's position."""
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    for prefix, n in (("train", train), ("t10k", test)):
-        labels = torch.arange(n) % 10
-        images = torch.rand(n, 28, 28, generator=generator) * 80
-        for c in range(10):
-            images[labels == c, 2 * c + 3 : 2 * c + 7, :] += 150
-        pixels = images.clamp(0, 255).to(torch.uint8).numpy().tobytes()
-        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb", compresslevel=1) as handle:
-            handle.write(struct.pack(">IIII", 2051, n, 28, 28) + pixels)
-        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb", compresslevel=1) as handle:
-            handle.write(struct.pack(">II", 2049, n) + labels.to(torch.uint8).numpy().tobytes())
-    return folder
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 import torch
-from test_train_cli import write_idx_folder
 
 from cnnkit.cli.app import app
 from cnnkit.config import resolve_config
@@ -29,6 +28,7 @@ from cnnkit.data.batches import BatchLoader
 from cnnkit.errors import UsageError
 from cnnkit.protocols import ImageTensors
 from cnnkit.registry import MODELS, TRAINERS
+from cnnkit.testing import write_fashion_mnist_folder as write_idx_folder
 from cnnkit.training.distributed import Topology
 from cnnkit.training.run import _check_distributable, train
 

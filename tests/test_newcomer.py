@@ -24,8 +24,8 @@ from PIL import Image
 
 from cnnkit.checkpoint import load_weights, read_meta, save_weights
 from cnnkit.cli.app import app
+from cnnkit.testing import write_fashion_mnist_folder as write_idx_folder
 from cnnkit.training import events
-from tests.test_train_cli import write_idx_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

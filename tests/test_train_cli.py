@@ -3,12 +3,10 @@ for Ctrl-C (SIGINT) and kills (SIGKILL) at random moments."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import random
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ import torch
 
 from cnnkit.checkpoint import load_weights, read_meta
 from cnnkit.cli.app import app
+from cnnkit.testing import write_fashion_mnist_folder as write_idx_folder
 from cnnkit.training.state import STATE_NAME, load_state
 
 CLASSES = 10
@@ -27,21 +26,6 @@ CLASSES = 10
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def write_idx_folder(folder: Path, train: int = 320, test: int = 80, seed: int = 0) -> Path:
-    """A Fashion-MNIST-format folder (gzipped IDX) whose class is a bright band's position."""
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    for prefix, n in (("train", train), ("t10k", test)):
-        labels = torch.arange(n) % CLASSES
-        images = torch.rand(n, 28, 28, generator=generator) * 80
-        for c in range(CLASSES):
-            images[labels == c, 2 * c + 3 : 2 * c + 7, :] += 150  # a horizontal band per class
-        pixels = images.clamp(0, 255).to(torch.uint8).numpy().tobytes()
-        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as handle:
-            handle.write(struct.pack(">IIII", 2051, n, 28, 28) + pixels)
-        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as handle:
-            handle.write(struct.pack(">II", 2049, n) + labels.to(torch.uint8).numpy().tobytes())
-    return folder
 
 
 @pytest.fixture

@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_train_cli import write_idx_folder
 
 from cnnkit.checkpoint import load_weights
 from cnnkit.cli.app import app
 from cnnkit.registry import TRAINERS
+from cnnkit.testing import write_fashion_mnist_folder as write_idx_folder
 from cnnkit.training.state import STATE_NAME, load_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
