@@ -13,7 +13,6 @@ reproduces), then ``(x - mean) / std`` per channel.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,27 +41,24 @@ class Prediction:
 def decode_images(paths: Sequence[str | Path], channels: int) -> list[np.ndarray]:
     """Decode image files into uint8 (C, H, W) arrays with 1 (grayscale) or 3 (RGB) channels.
 
-    A file PIL cannot read is a one-line DataError naming it.
+    Each file is read as training folders read it (:func:`cnnkit.image_files.read_image`: EXIF
+    rotation, 16-bit, palettes, the decompression-bomb limit); a file that cannot be read is a
+    one-line DataError naming it.
     """
-    from PIL import Image
+    from cnnkit.image_files import read_image
 
     if channels not in (1, 3):
         raise WeightsError(f"image files can give 1 or 3 channels; these weights expect {channels}")
-    from cnnkit.image_files import check_pixel_count, to_pixels
-
     decoded = []
     for path in map(Path, paths):
         try:
-            # The same decoding as training folders (EXIF rotation, 16-bit, palettes); converting
-            # decodes, so truncated files fail here rather than later.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below
-                with Image.open(path) as image:
-                    check_pixel_count(path, image)
-                    decoded.append(to_pixels(image, channels))
-        except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as exc:
-            reason = "no such file" if isinstance(exc, FileNotFoundError) else (str(exc).splitlines() or ["?"])[0]
-            raise DataError(f"image {path} cannot be read ({reason}); pass PNG, JPEG or other files PIL opens") from exc
+            decoded.append(read_image(path, channels))
+        except DataError as exc:
+            cause = exc.__cause__
+            if cause is None:  # already names the file and the fix (empty, too large)
+                raise
+            reason = "no such file" if isinstance(cause, FileNotFoundError) else (str(cause).splitlines() or ["?"])[0]
+            raise DataError(f"image {path} cannot be read ({reason}); pass PNG, JPEG or other files PIL opens") from cause
     return decoded
 
 
