@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cnnkit.errors import CnnkitError, UsageError
-from cnnkit.registry import BUILTIN_DISTRIBUTION, DATASETS, MODELS, TRAINERS, Entry, Registry
+from cnnkit.registry import BUILTIN_DISTRIBUTION, DATASETS, MODELS, TRAINERS, Entry, Registry, normalise_distribution
 
 __all__ = [
     "GROUPS",
@@ -71,17 +71,6 @@ def _disabled_reason(dist: str) -> str:
     return f"CNNKIT_DISABLE_PLUGIN_AUTOLOAD is set; allow it with CNNKIT_PLUGINS={dist}"
 
 
-def _installed_version(dist: str) -> str:
-    """The version importlib.metadata knows, for entries found through a versionless folder such as a
-    source checkout's ``cnnkit.egg-info`` on sys.path."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return ""
-
-
 def _one_line(exc: BaseException) -> str:
     """The underlying error of a failed load as ``Type: message`` (first line only)."""
     cause = exc.__cause__ or exc.__context__
@@ -125,7 +114,7 @@ def survey(load: bool = True) -> list[Distribution]:
     for group, registry, asked, entry, off in _registrations():
         dist = found.get(entry.distribution)
         if dist is None:
-            version = entry.version or _installed_version(entry.distribution)
+            version = entry.version  # the registry falls back to installed metadata itself
             dist = found[entry.distribution] = Distribution(entry.distribution, version)
         dist.entries.setdefault(group, []).append(entry.name)
         # The switches turn a whole distribution off or on, never part of one.
@@ -164,10 +153,6 @@ class ChecksFailed(CnnkitError):
     """At least one entry of a distribution failed its contract check (exit 1, as test runners do)."""
 
     exit_code = 1
-
-
-def _normalise(dist: str) -> str:
-    return dist.lower().replace("_", "-").replace(".", "-")
 
 
 def _check_side(spec: Any) -> int:
@@ -232,7 +217,7 @@ def check_distribution(
     """Import every entry that distribution ``dist`` registers and run cnnkit.testing's contract
     check on it; ``report`` is called as each finishes. ``UsageError`` for a distribution that
     registers nothing (naming those that do) or that the switches disabled."""
-    wanted = _normalise(dist)
+    wanted = normalise_distribution(dist)
     registrations = list(_registrations())
     mine = [(g, r, asked, e) for g, r, asked, e, off in registrations if not off and e.distribution == wanted]
     if not mine:

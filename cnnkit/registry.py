@@ -29,13 +29,14 @@ from cnnkit._console import warn
 from cnnkit.errors import PluginLoadError, UnknownNameError, UsageError
 from cnnkit.protocols import DatasetSpec, ModelSpec, Trainer
 
-__all__ = ["Entry", "Registry", "MODELS", "DATASETS", "TRAINERS", "BUILTIN_DISTRIBUTION"]
+__all__ = ["Entry", "Registry", "normalise_distribution", "MODELS", "DATASETS", "TRAINERS", "BUILTIN_DISTRIBUTION"]
 
 BUILTIN_DISTRIBUTION = "cnnkit"
 T = TypeVar("T")
 
 
-def _normalise(dist: str) -> str:
+def normalise_distribution(dist: str) -> str:
+    """The canonical spelling of a distribution name (``cnnkit_efficientnet`` -> ``cnnkit-efficientnet``)."""
     return dist.lower().replace("_", "-").replace(".", "-")
 
 
@@ -51,7 +52,7 @@ class Entry:
 
     @property
     def builtin(self) -> bool:
-        return _normalise(self.distribution) == BUILTIN_DISTRIBUTION
+        return normalise_distribution(self.distribution) == BUILTIN_DISTRIBUTION
 
 
 def _installed_version(distribution: str) -> str:
@@ -64,11 +65,11 @@ def _installed_version(distribution: str) -> str:
 
 
 def _autoload_allowed(distribution: str) -> bool:
-    if _normalise(distribution) == BUILTIN_DISTRIBUTION:
+    if normalise_distribution(distribution) == BUILTIN_DISTRIBUTION:
         return True
     if os.environ.get("CNNKIT_DISABLE_PLUGIN_AUTOLOAD", "").strip() not in {"", "0", "false"}:
-        allowed = {_normalise(d) for d in os.environ.get("CNNKIT_PLUGINS", "").split(",") if d.strip()}
-        return _normalise(distribution) in allowed
+        allowed = {normalise_distribution(d) for d in os.environ.get("CNNKIT_PLUGINS", "").split(",") if d.strip()}
+        return normalise_distribution(distribution) in allowed
     return True
 
 
@@ -107,15 +108,15 @@ class Registry(Generic[T]):
         self._disabled = {}
         for ep in entrypoints.get_group_all(self.group):
             # Folder names spell distributions with underscores; show the canonical dashed name.
-            dist = _normalise(ep.distro.name) if ep.distro is not None else "unknown"
+            dist = normalise_distribution(ep.distro.name) if ep.distro is not None else "unknown"
             version = (ep.distro.version or "") if ep.distro is not None else ""
             if not version and dist != "unknown":
                 # A source checkout's versionless *.egg-info can shadow the installed metadata.
                 version = _installed_version(dist)
             # The same distribution can sit on sys.path twice (e.g. a build dir); first one wins.
-            if (ep.name, _normalise(dist)) in seen:
+            if (ep.name, normalise_distribution(dist)) in seen:
                 continue
-            seen.add((ep.name, _normalise(dist)))
+            seen.add((ep.name, normalise_distribution(dist)))
             target = ep.module_name + (f":{ep.object_name}" if ep.object_name else "")
             if not _autoload_allowed(dist):
                 self._disabled.setdefault(ep.name, Entry(ep.name, target, dist, version))
@@ -125,14 +126,14 @@ class Registry(Generic[T]):
         chosen: dict[str, Entry] = {}
         shadowed: dict[str, Entry] = {}
         for name, claims in by_name.items():
-            claims.sort(key=lambda e: (not e.builtin, _normalise(e.distribution)))
+            claims.sort(key=lambda e: (not e.builtin, normalise_distribution(e.distribution)))
             chosen[name] = claims[0]
             for other in claims[1:]:
-                shadowed[f"{_normalise(other.distribution)}:{name}"] = other
+                shadowed[f"{normalise_distribution(other.distribution)}:{name}"] = other
                 warn(
                     f"{self.kind} '{name}' is registered by both '{claims[0].distribution}' and "
                     f"'{other.distribution}'; using '{claims[0].distribution}' "
-                    f"(ask for '{_normalise(other.distribution)}:{name}' to use the other)"
+                    f"(ask for '{normalise_distribution(other.distribution)}:{name}' to use the other)"
                 )
         return dict(sorted(chosen.items())), shadowed
 
@@ -150,10 +151,10 @@ class Registry(Generic[T]):
             return entries[name]
         if ":" in name:
             dist, _, short = name.partition(":")
-            qualified = f"{_normalise(dist)}:{short}"
+            qualified = f"{normalise_distribution(dist)}:{short}"
             if qualified in self._shadowed:
                 return self._shadowed[qualified]
-            if short in entries and _normalise(entries[short].distribution) == _normalise(dist):
+            if short in entries and normalise_distribution(entries[short].distribution) == normalise_distribution(dist):
                 return entries[short]
         off = self._disabled.get(name.partition(":")[2] if ":" in name else name)
         if off is not None:
@@ -171,7 +172,7 @@ class Registry(Generic[T]):
         """The object registered as ``name``, importing its module on first use; a class entry gives
         a fresh instance on every call."""
         entry = self.entry(name)
-        key = f"{_normalise(entry.distribution)}:{entry.name}"
+        key = f"{normalise_distribution(entry.distribution)}:{entry.name}"
         if key not in self._loaded:
             self._loaded[key] = self._import(entry)
         return self._instance(entry, self._loaded[key])
