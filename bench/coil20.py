@@ -53,7 +53,7 @@ def read_record(path: Path) -> list[dict[str, Any]]:
 
 
 def append_record(path: Path, row: dict[str, Any]) -> None:
-    from cnnkit.checkpoint import atomic_write
+    from cnnkit.fs import atomic_write
 
     text = "".join(json.dumps(r) + "\n" for r in [*read_record(path), row])
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(read_record(args.record))
     print(text)
     if args.markdown:
-        from cnnkit.checkpoint import atomic_write
+        from cnnkit.fs import atomic_write
 
         document = report(read_record(args.record), text, args.note)
         atomic_write(args.markdown, lambda tmp: tmp.write_text(document, encoding="utf-8"))

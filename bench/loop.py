@@ -129,7 +129,7 @@ def _gib(nbytes: float) -> str:
 
 def _write_json(path: str, figures: dict[str, Any]) -> None:
     """``figures`` as JSON at ``path``, atomically (a reader never sees half a file)."""
-    from cnnkit.checkpoint import atomic_write
+    from cnnkit.fs import atomic_write
 
     text = json.dumps(figures, indent=2) + "\n"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from cnnkit._version import __version__
 
 if TYPE_CHECKING:
     from torch import nn

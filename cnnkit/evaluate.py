@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnkit.checkpoint import WeightsMeta, atomic_write, load_weights, resolve_weights
+from cnnkit.checkpoint import WeightsMeta, load_weights, resolve_weights
 from cnnkit.errors import DataError, UsageError, WeightsError
+from cnnkit.fs import atomic_write
 from cnnkit.prediction import Prediction, decode_images, prepare_batch, rank
 
 if TYPE_CHECKING:

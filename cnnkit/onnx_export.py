@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-import cnnkit
+from cnnkit._version import __version__
 from cnnkit.errors import UsageError, WeightsError
 from cnnkit.prediction import Prediction, decode_images, prepare_batch, rank
 
@@ -144,7 +144,7 @@ def _metadata_props(meta: WeightsMeta) -> dict[str, str]:
         "mean": json.dumps(meta.mean if normalised else None),
         "std": json.dumps(meta.std if normalised else None),
         "preprocessing": f"{steps}; NCHW float32 input '{INPUT_NAME}', output '{OUTPUT_NAME}'",
-        "cnnkit_version": cnnkit.__version__,
+        "cnnkit_version": __version__,
     }
 
 
@@ -399,7 +399,8 @@ def export_onnx(
     nothing written) above ``tolerance``; None does so when ``onnxruntime`` is installed; False
     skips it. A missing ``onnx`` (or, with ``check=True``, ``onnxruntime``) is a UsageError (exit 2).
     """
-    from cnnkit.checkpoint import atomic_write, load_weights, resolve_weights
+    from cnnkit.checkpoint import load_weights, resolve_weights
+    from cnnkit.fs import atomic_write
 
     target = Path(out)
     if target.suffix.lower() != ".onnx":

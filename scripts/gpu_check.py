@@ -277,7 +277,7 @@ class Report:
         self.write()
 
     def write(self, footer: str = "") -> None:
-        from cnnkit.checkpoint import atomic_write
+        from cnnkit.fs import atomic_write
 
         rows = "\n".join(f"| {key} | {value} |" for key, value in self.header.items())
         text = f"# {self.title}\n\n{self.note}\n\n| | |\n|---|---|\n{rows}\n\n" + "\n\n".join(self.sections)

@@ -21,7 +21,6 @@ from torch import nn
 from cnnkit.checkpoint import (
     META_KEY,
     WeightsMeta,
-    atomic_write,
     load_model,
     load_weights,
     read_meta,
@@ -30,6 +29,7 @@ from cnnkit.checkpoint import (
 )
 from cnnkit.cli.app import app
 from cnnkit.errors import WeightsError
+from cnnkit.fs import atomic_write
 from cnnkit.models.base import Architecture, NoOptions
 from cnnkit.protocols import Recipe
 from cnnkit.registry import MODELS
@@ -86,7 +86,7 @@ _WRITER = textwrap.dedent(
     """
     import sys, time, torch
     from safetensors.torch import save
-    from cnnkit.checkpoint import atomic_write
+    from cnnkit.fs import atomic_write
     target = sys.argv[1]
     direct = len(sys.argv) > 2  # the unsafe way, to show the test can tell the difference
 

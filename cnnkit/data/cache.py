@@ -52,7 +52,7 @@ def dataset_statistics(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[f
 
 def cached_splits(key: str, dataset: str, source: Path, build: Callable[[], DatasetSplits]) -> DatasetSplits:
     """The cached splits for ``key``, or ``build()`` them and cache the result atomically."""
-    from cnnkit.checkpoint import atomic_write
+    from cnnkit.fs import atomic_write
 
     path = cache_home() / "datasets" / f"{dataset}-{key}.safetensors"
     if path.is_file():

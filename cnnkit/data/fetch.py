@@ -7,9 +7,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from cnnkit.checkpoint import atomic_write
 from cnnkit.data.locate import data_home
 from cnnkit.errors import DataError, UsageError
+from cnnkit.fs import atomic_write
 
 __all__ = ["fetch", "FETCHABLE", "fashion_mnist_resources"]
 

@@ -37,8 +37,9 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cnnkit.checkpoint import BEST_NAME, LAST_NAME, atomic_write, save_weights
+from cnnkit.checkpoint import BEST_NAME, LAST_NAME, save_weights
 from cnnkit.errors import UsageError
+from cnnkit.fs import atomic_write
 from cnnkit.training.state import STATE_NAME, save_state
 
 if TYPE_CHECKING:

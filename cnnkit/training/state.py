@@ -18,8 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cnnkit.checkpoint import atomic_write
 from cnnkit.errors import DataError, UsageError, WeightsError
+from cnnkit.fs import atomic_write
 from cnnkit.protocols import DatasetSplits
 
 __all__ = ["STATE_NAME", "TrainerState", "save_state", "load_state", "check_resume_point"]
