@@ -48,7 +48,8 @@ def bench_model(name: str, side: int, threads: int, repeats: int) -> list[dict[s
 
     import cnnkit
     from cnnkit.checkpoint import WeightsMeta
-    from cnnkit.onnx_export import INPUT_NAME, OUTPUT_NAME, model_to_onnx
+    from cnnkit.onnx_export import model_to_onnx
+    from cnnkit.onnx_runtime import INPUT_NAME, OUTPUT_NAME
 
     torch.manual_seed(0)
     model = cnnkit.build_model(name, 1, CLASSES).eval()

@@ -377,7 +377,7 @@ def predict_files(
     if not images:
         raise UsageError("no images given; pass one or more image files")
     if Path(weights).suffix.lower() == ".onnx":
-        from cnnkit.onnx_export import predict_onnx
+        from cnnkit.onnx_runtime import predict_onnx
 
         return predict_onnx(weights, images, top=top, device=str(device))
     from cnnkit.device import resolve_device

@@ -1,11 +1,12 @@
-"""ONNX export of cnnkit weights, its check in ONNX Runtime, and prediction from the ``.onnx`` file alone.
+"""ONNX export of cnnkit weights from PyTorch, with its metadata and its check in ONNX Runtime.
 
-``cnnkit export WEIGHTS --format onnx`` writes a graph that runs without PyTorch: input
-``input``, float32 (batch, C, S, S) already prepared as :mod:`cnnkit.prediction` does (0..1,
-resized to S, normalised), with a dynamic batch axis; output ``logits`` (batch, K). The graph's
-``metadata_props`` carry what a client needs to prepare images and name the classes (see
-:data:`METADATA_KEYS`); ``cnnkit`` holds the whole weights metadata as JSON, as in a
-``.safetensors`` file.
+This module's one job is the torch side: ``cnnkit export WEIGHTS --format onnx`` writes a graph
+that runs without PyTorch, in the format :mod:`cnnkit.onnx_runtime` defines and reads (input
+``input``, float32 (batch, C, S, S) already prepared as :mod:`cnnkit.prediction` does, with a
+dynamic batch axis; output ``logits`` (batch, K)). This module fills the graph's
+``metadata_props`` (see :data:`METADATA_KEYS`; ``cnnkit`` holds the whole weights metadata as
+JSON, as in a ``.safetensors`` file) and, with ``--check``, compares ONNX Runtime's logits with
+PyTorch's.
 
 The exporter is PyTorch's TorchScript-based one (``torch.onnx.export(..., dynamo=False)``) at
 opset :data:`OPSET`: it needs only the ``onnx`` package and exports these networks in a fraction
@@ -14,20 +15,20 @@ of a second, where the ``torch.export``-based exporter also needs ``onnxscript``
 does not divide its input side (AlexNet, VGG and LeNet away from their recipe sizes), so such
 layers are exported as the two constant averaging matrices that the pooling is at the traced size.
 
-Reading a ``.onnx`` file (:func:`load_onnx`, :func:`predict_onnx`, :func:`read_onnx_info`) imports
-neither torch nor anything that does; only exporting and checking against PyTorch need it.
+Reading and running a ``.onnx`` file (:func:`load_onnx`, :func:`predict_onnx`,
+:func:`read_onnx_info`) lives in the torch-free :mod:`cnnkit.onnx_runtime`; those names are
+re-exported here so ``cnnkit.onnx_export`` keeps its public API.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import io
 import json
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,22 @@ import numpy as np
 
 from cnnkit._version import __version__
 from cnnkit.errors import UsageError, WeightsError
-from cnnkit.prediction import Prediction, decode_images, prepare_batch, rank
+from cnnkit.onnx_runtime import (
+    INPUT_NAME,
+    INSTALL_HINT,
+    METADATA_KEYS,
+    OUTPUT_NAME,
+    OnnxInfo,
+    OnnxModel,
+    first_line,
+    load_onnx,
+    optional_import,
+    predict_onnx,
+    read_onnx_info,
+    require,
+    session_options,
+)
+from cnnkit.prediction import prepare_batch
 
 if TYPE_CHECKING:
     import torch
@@ -66,68 +82,14 @@ __all__ = [
 
 OPSET = 17
 """The ONNX opset the graphs are written in (ONNX Runtime 1.14 and later run it)."""
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 DEFAULT_TOLERANCE = 1e-3
 """Largest accepted |ONNX Runtime - PyTorch| logit difference, relative to the largest logit
 magnitude when that exceeds 1 (so it is absolute for small logits)."""
 CHECK_EXAMPLES = 8
 """Images in the check batch (not the traced batch of 2, so the dynamic axis is exercised too)."""
-INSTALL_HINT = "pip install 'cnnkit[onnx]'"
-
-METADATA_KEYS: dict[str, str] = {
-    "cnnkit": "the whole weights metadata as JSON (what a .safetensors file holds under the same key)",
-    "model": "registered model name, e.g. resnet18",
-    "classes": "JSON list of class names in logit order",
-    "in_channels": "1 (grayscale) or 3 (RGB)",
-    "input_size": "square side S in pixels",
-    "mean": "JSON list, per-channel mean on the 0..1 scale, or null (no normalisation)",
-    "std": "JSON list, per-channel standard deviation on the 0..1 scale, or null",
-    "preprocessing": "the preprocessing in words",
-    "cnnkit_version": "the cnnkit version that exported the file",
-}
-"""The ``metadata_props`` of an exported graph and what each holds (all values are strings)."""
-
-
-def require(module: str, purpose: str) -> Any:
-    """Import an optional dependency, or raise a one-line UsageError (exit 2) saying what to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise UsageError(f"{purpose} needs the '{module}' package, which is not installed; {INSTALL_HINT}") from exc
-
-
-def _optional(module: str) -> Any | None:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        return None
-
-
-def _reason(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 # -- metadata ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OnnxInfo:
-    """What an exported graph says about itself: enough to prepare images and name the outputs."""
-
-    model: str
-    classes: list[str]
-    in_channels: int
-    input_size: int
-    mean: list[float] | None
-    std: list[float] | None
-    cnnkit_version: str
-    meta_json: str
-    """The full weights metadata (``cnnkit.checkpoint.WeightsMeta`` as JSON)."""
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
 
 def _metadata_props(meta: WeightsMeta) -> dict[str, str]:
@@ -146,28 +108,6 @@ def _metadata_props(meta: WeightsMeta) -> dict[str, str]:
         "preprocessing": f"{steps}; NCHW float32 input '{INPUT_NAME}', output '{OUTPUT_NAME}'",
         "cnnkit_version": __version__,
     }
-
-
-def _info_from_props(path: Path, props: Mapping[str, str]) -> OnnxInfo:
-    if "cnnkit" not in props:
-        raise WeightsError(
-            f"{path} is an ONNX model but carries no cnnkit metadata; only files written by "
-            "'cnnkit export --format onnx' can be used"
-        )
-    try:
-        raw = json.loads(props["cnnkit"])
-        classes, mean, std = json.loads(props["classes"]), json.loads(props["mean"]), json.loads(props["std"])
-        info = OnnxInfo(
-            model=str(props["model"]), classes=[str(c) for c in classes], in_channels=int(props["in_channels"]),
-            input_size=int(props["input_size"]), mean=None if mean is None else [float(v) for v in mean],
-            std=None if std is None else [float(v) for v in std],
-            cnnkit_version=str(props.get("cnnkit_version", raw.get("cnnkit_version", "?"))), meta_json=props["cnnkit"],
-        )  # fmt: skip
-    except (KeyError, TypeError, ValueError) as exc:
-        raise WeightsError(f"{path} has corrupt cnnkit metadata ({_reason(exc)}); re-export it") from exc
-    if not info.classes or info.in_channels < 1 or info.input_size < 1:
-        raise WeightsError(f"{path} has corrupt cnnkit metadata (no classes, channels or size); re-export it")
-    return info
 
 
 # -- export -----------------------------------------------------------------------------------------
@@ -280,7 +220,7 @@ def model_to_onnx(model: nn.Module, meta: WeightsMeta) -> bytes:
     except torch.onnx.errors.OnnxExporterError as exc:
         raise UsageError(
             f"model '{meta.model}' at {meta.in_channels}x{meta.input_size}x{meta.input_size} cannot be exported "
-            f"to ONNX ({_reason(exc)}); export it as --format safetensors instead"
+            f"to ONNX ({first_line(exc)}); export it as --format safetensors instead"
         ) from exc
     finally:
         model.train(was_training)
@@ -347,7 +287,7 @@ def check_onnx(
 
     batch = _check_batch(meta, examples)
     source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
-    session = ort.InferenceSession(source, _session_options(ort), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(source, session_options(ort), providers=["CPUExecutionProvider"])
     (ort_logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch})
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
@@ -415,7 +355,7 @@ def export_onnx(
     unchecked = None
     if check is True:
         require("onnxruntime", "--check")
-    elif check is None and _optional("onnxruntime") is None:
+    elif check is None and optional_import("onnxruntime") is None:
         unchecked = f"not checked in ONNX Runtime: onnxruntime is not installed; {INSTALL_HINT}"
 
     file = resolve_weights(source)
@@ -434,95 +374,3 @@ def export_onnx(
 
     atomic_write(target, write)
     return OnnxExport(target, file, meta, len(data), result, unchecked)
-
-
-# -- reading and running ----------------------------------------------------------------------------
-
-
-def _session_options(ort: Any) -> Any:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: no optimiser chatter on stderr
-    return options
-
-
-def _providers(ort: Any, device: str) -> list[Any]:
-    available = ort.get_available_providers()
-    wanted = device.strip().lower()
-    if wanted in {"auto", "cpu"}:
-        cuda = wanted == "auto" and "CUDAExecutionProvider" in available
-        return (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
-    if (wanted == "cuda" or wanted.startswith("cuda:")) and "CUDAExecutionProvider" in available:
-        index = int(wanted.partition(":")[2] or 0)
-        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-    raise UsageError(
-        f"--device {device} is not available to ONNX Runtime here (it offers {', '.join(available)}); "
-        "use --device cpu or auto"
-    )
-
-
-class OnnxModel:
-    """An exported graph opened in ONNX Runtime, with the metadata to prepare its inputs."""
-
-    def __init__(self, path: Path, session: Any, info: OnnxInfo) -> None:
-        self.path, self.session, self.info = path, session, info
-
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """(N, K) float32 logits of a prepared (N, C, S, S) float32 batch."""
-        (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
-        return np.asarray(out)
-
-    def predict(self, images: Sequence[str | Path], top: int = 5) -> list[Prediction]:
-        """The ``top`` most probable classes of each image file."""
-        info = self.info
-        batch = prepare_batch(decode_images(images, info.in_channels), info.input_size, info.mean, info.std)
-        return rank(images, self.logits(batch), info.classes, top)
-
-
-def load_onnx(path: str | Path, device: str = "auto") -> OnnxModel:
-    """Open a ``.onnx`` file written by ``cnnkit export --format onnx`` in ONNX Runtime.
-
-    A missing, unreadable or foreign file is a one-line WeightsError (exit 4); a missing
-    ``onnxruntime`` a UsageError (exit 2).
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise WeightsError(f"weights {file} do not exist; pass a .onnx file written by 'cnnkit export --format onnx'")
-    ort = require("onnxruntime", f"running {file}")
-    providers = _providers(ort, device)
-    if file.stat().st_size == 0:
-        raise WeightsError(f"weights {file} is empty; re-export it with 'cnnkit export --format onnx'")
-    try:
-        session = ort.InferenceSession(str(file), _session_options(ort), providers=providers)
-    except Exception as exc:  # InvalidProtobuf, Fail, InvalidGraph, …: any unreadable file is one message
-        raise WeightsError(
-            f"weights {file} is not a readable ONNX model ({_reason(exc)}); re-export it with "
-            "'cnnkit export --format onnx'"
-        ) from exc
-    info = _info_from_props(file, session.get_modelmeta().custom_metadata_map)
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    shape = list(inputs[0].shape) if len(inputs) == 1 else []
-    if (
-        len(inputs) != 1 or inputs[0].name != INPUT_NAME or shape[1:] != [info.in_channels, info.input_size, info.input_size]
-        or not any(o.name == OUTPUT_NAME for o in outputs)
-    ):  # fmt: skip
-        raise WeightsError(
-            f"weights {file} take input {shape or '?'} but their metadata says {info.in_channels}x{info.input_size}x"
-            f"{info.input_size}; the graph was changed after export, re-export it"
-        )
-    return OnnxModel(file, session, info)
-
-
-def read_onnx_info(path: str | Path) -> OnnxInfo:
-    """The cnnkit metadata of a ``.onnx`` file (opened in ONNX Runtime, which checks it too)."""
-    return load_onnx(path, device="cpu").info
-
-
-def predict_onnx(
-    path: str | Path, images: Sequence[str | Path], top: int = 5, device: str = "auto"
-) -> list[Prediction]:
-    """``cnnkit predict`` for a ``.onnx`` file: the ``top`` most probable classes of each image file."""
-    if top < 1:
-        raise UsageError(f"--top must be >= 1, got {top}")
-    if not images:
-        raise UsageError("no images given; pass one or more image files")
-    return load_onnx(path, device).predict(images, top)

@@ -29,7 +29,7 @@ from cnnkit.checkpoint import WeightsMeta, read_meta, save_weights
 from cnnkit.cli.app import app
 from cnnkit.data.batches import to_float
 from cnnkit.evaluate import load_images, prepare_images
-from cnnkit.onnx_export import METADATA_KEYS
+from cnnkit.onnx_runtime import METADATA_KEYS
 from cnnkit.prediction import decode_images, prepare_batch, rank
 from cnnkit.summary import smallest_input_size
 
@@ -129,7 +129,7 @@ def assert_close_logits(got: np.ndarray, expected: np.ndarray) -> None:
 
 def export_and_compare(tmp_path: Path, runner: Any, name: str, channels: int) -> None:
     """Export through the CLI; logits, metadata and predictions of the .onnx file against PyTorch's."""
-    from cnnkit.onnx_export import load_onnx
+    from cnnkit.onnx_runtime import load_onnx
 
     model, meta, weights = make_weights(tmp_path, name, channels)
     out = tmp_path / f"{name}.onnx"
@@ -245,7 +245,8 @@ def test_lenet_bn_off_its_recipe_size_exports(tmp_path: Path, onnx_extra: None) 
     """At 32 px LeNet pools a 6x6 map to 5x5 (overlapping windows): not expressible as ONNX AveragePool."""
     import onnx
 
-    from cnnkit.onnx_export import export_onnx, load_onnx
+    from cnnkit.onnx_export import export_onnx
+    from cnnkit.onnx_runtime import load_onnx
 
     model, meta, weights = make_weights(tmp_path, "lenet_bn", side=32)
     exported = export_onnx(weights, tmp_path / "lenet.onnx")

@@ -27,7 +27,7 @@ def predict_command(
 ) -> None:
     """Classify images with trained weights: top-K classes and their probabilities."""
     if weights.suffix.lower() == ".onnx":
-        from cnnkit.onnx_export import predict_onnx
+        from cnnkit.onnx_runtime import predict_onnx
 
         predictions = predict_onnx(weights, images, top=top, device=device)
     else:

@@ -1,0 +1,215 @@
+"""Reading and running an exported ``.onnx`` file in ONNX Runtime, without PyTorch.
+
+This module's one job is the torch-free side of cnnkit's ONNX graphs: the contract a graph
+written by ``cnnkit export --format onnx`` keeps (input :data:`INPUT_NAME`, float32 (batch, C, S,
+S) prepared as :mod:`cnnkit.prediction` does; output :data:`OUTPUT_NAME`, (batch, K); the
+``metadata_props`` in :data:`METADATA_KEYS`), reading that metadata back (:func:`read_onnx_info`)
+and running the graph for ``cnnkit predict FILE.onnx`` (:func:`load_onnx`, :func:`predict_onnx`).
+It imports neither torch nor anything that does, at module level or inside its functions;
+exporting and checking against PyTorch are :mod:`cnnkit.onnx_export`'s.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnkit.errors import UsageError, WeightsError
+from cnnkit.prediction import Prediction, decode_images, prepare_batch, rank
+
+__all__ = [
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "INSTALL_HINT",
+    "METADATA_KEYS",
+    "OnnxInfo",
+    "OnnxModel",
+    "require",
+    "optional_import",
+    "first_line",
+    "session_options",
+    "read_onnx_info",
+    "load_onnx",
+    "predict_onnx",
+]
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+INSTALL_HINT = "pip install 'cnnkit[onnx]'"
+
+METADATA_KEYS: dict[str, str] = {
+    "cnnkit": "the whole weights metadata as JSON (what a .safetensors file holds under the same key)",
+    "model": "registered model name, e.g. resnet18",
+    "classes": "JSON list of class names in logit order",
+    "in_channels": "1 (grayscale) or 3 (RGB)",
+    "input_size": "square side S in pixels",
+    "mean": "JSON list, per-channel mean on the 0..1 scale, or null (no normalisation)",
+    "std": "JSON list, per-channel standard deviation on the 0..1 scale, or null",
+    "preprocessing": "the preprocessing in words",
+    "cnnkit_version": "the cnnkit version that exported the file",
+}
+"""The ``metadata_props`` of an exported graph and what each holds (all values are strings)."""
+
+
+def require(module: str, purpose: str) -> Any:
+    """Import an optional dependency, or raise a one-line UsageError (exit 2) saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise UsageError(f"{purpose} needs the '{module}' package, which is not installed; {INSTALL_HINT}") from exc
+
+
+def optional_import(module: str) -> Any | None:
+    """The optional dependency ``module`` when installed, else None."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to one line of at most 200 characters, for one-line errors."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+# -- metadata ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OnnxInfo:
+    """What an exported graph says about itself: enough to prepare images and name the outputs."""
+
+    model: str
+    classes: list[str]
+    in_channels: int
+    input_size: int
+    mean: list[float] | None
+    std: list[float] | None
+    cnnkit_version: str
+    meta_json: str
+    """The full weights metadata (``cnnkit.checkpoint.WeightsMeta`` as JSON)."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _info_from_props(path: Path, props: Mapping[str, str]) -> OnnxInfo:
+    if "cnnkit" not in props:
+        raise WeightsError(
+            f"{path} is an ONNX model but carries no cnnkit metadata; only files written by "
+            "'cnnkit export --format onnx' can be used"
+        )
+    try:
+        raw = json.loads(props["cnnkit"])
+        classes, mean, std = json.loads(props["classes"]), json.loads(props["mean"]), json.loads(props["std"])
+        info = OnnxInfo(
+            model=str(props["model"]), classes=[str(c) for c in classes], in_channels=int(props["in_channels"]),
+            input_size=int(props["input_size"]), mean=None if mean is None else [float(v) for v in mean],
+            std=None if std is None else [float(v) for v in std],
+            cnnkit_version=str(props.get("cnnkit_version", raw.get("cnnkit_version", "?"))), meta_json=props["cnnkit"],
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{path} has corrupt cnnkit metadata ({first_line(exc)}); re-export it") from exc
+    if not info.classes or info.in_channels < 1 or info.input_size < 1:
+        raise WeightsError(f"{path} has corrupt cnnkit metadata (no classes, channels or size); re-export it")
+    return info
+
+
+# -- reading and running ----------------------------------------------------------------------------
+
+
+def session_options(ort: Any) -> Any:
+    """ONNX Runtime session options that log errors only."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: no optimiser chatter on stderr
+    return options
+
+
+def _providers(ort: Any, device: str) -> list[Any]:
+    available = ort.get_available_providers()
+    wanted = device.strip().lower()
+    if wanted in {"auto", "cpu"}:
+        cuda = wanted == "auto" and "CUDAExecutionProvider" in available
+        return (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
+    if (wanted == "cuda" or wanted.startswith("cuda:")) and "CUDAExecutionProvider" in available:
+        index = int(wanted.partition(":")[2] or 0)
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    raise UsageError(
+        f"--device {device} is not available to ONNX Runtime here (it offers {', '.join(available)}); "
+        "use --device cpu or auto"
+    )
+
+
+class OnnxModel:
+    """An exported graph opened in ONNX Runtime, with the metadata to prepare its inputs."""
+
+    def __init__(self, path: Path, session: Any, info: OnnxInfo) -> None:
+        self.path, self.session, self.info = path, session, info
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """(N, K) float32 logits of a prepared (N, C, S, S) float32 batch."""
+        (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
+        return np.asarray(out)
+
+    def predict(self, images: Sequence[str | Path], top: int = 5) -> list[Prediction]:
+        """The ``top`` most probable classes of each image file."""
+        info = self.info
+        batch = prepare_batch(decode_images(images, info.in_channels), info.input_size, info.mean, info.std)
+        return rank(images, self.logits(batch), info.classes, top)
+
+
+def load_onnx(path: str | Path, device: str = "auto") -> OnnxModel:
+    """Open a ``.onnx`` file written by ``cnnkit export --format onnx`` in ONNX Runtime.
+
+    A missing, unreadable or foreign file is a one-line WeightsError (exit 4); a missing
+    ``onnxruntime`` a UsageError (exit 2).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise WeightsError(f"weights {file} do not exist; pass a .onnx file written by 'cnnkit export --format onnx'")
+    ort = require("onnxruntime", f"running {file}")
+    providers = _providers(ort, device)
+    if file.stat().st_size == 0:
+        raise WeightsError(f"weights {file} is empty; re-export it with 'cnnkit export --format onnx'")
+    try:
+        session = ort.InferenceSession(str(file), session_options(ort), providers=providers)
+    except Exception as exc:  # InvalidProtobuf, Fail, InvalidGraph, …: any unreadable file is one message
+        raise WeightsError(
+            f"weights {file} is not a readable ONNX model ({first_line(exc)}); re-export it with "
+            "'cnnkit export --format onnx'"
+        ) from exc
+    info = _info_from_props(file, session.get_modelmeta().custom_metadata_map)
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    shape = list(inputs[0].shape) if len(inputs) == 1 else []
+    if (
+        len(inputs) != 1 or inputs[0].name != INPUT_NAME or shape[1:] != [info.in_channels, info.input_size, info.input_size]
+        or not any(o.name == OUTPUT_NAME for o in outputs)
+    ):  # fmt: skip
+        raise WeightsError(
+            f"weights {file} take input {shape or '?'} but their metadata says {info.in_channels}x{info.input_size}x"
+            f"{info.input_size}; the graph was changed after export, re-export it"
+        )
+    return OnnxModel(file, session, info)
+
+
+def read_onnx_info(path: str | Path) -> OnnxInfo:
+    """The cnnkit metadata of a ``.onnx`` file (opened in ONNX Runtime, which checks it too)."""
+    return load_onnx(path, device="cpu").info
+
+
+def predict_onnx(
+    path: str | Path, images: Sequence[str | Path], top: int = 5, device: str = "auto"
+) -> list[Prediction]:
+    """``cnnkit predict`` for a ``.onnx`` file: the ``top`` most probable classes of each image file."""
+    if top < 1:
+        raise UsageError(f"--top must be >= 1, got {top}")
+    if not images:
+        raise UsageError("no images given; pass one or more image files")
+    return load_onnx(path, device).predict(images, top)
