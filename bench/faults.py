@@ -107,12 +107,12 @@ def squeeze():
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 if inject == "metrics":  # the disk fills up just as metrics.csv is written
-    from cnnkit.training import events
-    original = events.MetricsCSV.write
+    from cnnkit.training.handlers import metrics
+    original = metrics.MetricsCSV.write
     def write(self, run):
         squeeze()
         original(self, run)
-    events.MetricsCSV.write = write
+    metrics.MetricsCSV.write = write
 elif limit >= 0:
     squeeze()
 sys.argv = ["cnnkit", *sys.argv[3:]]

@@ -185,11 +185,11 @@ def test_full_disk_for_the_cache_only_warns(runner: Any, tmp_path: Path) -> None
 
 
 def test_full_disk_as_metrics_are_written(runner: Any, one_epoch_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cnnkit.training import events
+    from cnnkit.training.handlers import metrics
 
     run = one_epoch_run
     before = faults.snapshot(run)
-    original = events.MetricsCSV.write
+    original = metrics.MetricsCSV.write
     limits: list[contextlib.ExitStack] = []
 
     def write_on_a_full_disk(self: Any, run_: Any) -> None:
@@ -198,7 +198,7 @@ def test_full_disk_as_metrics_are_written(runner: Any, one_epoch_run: Path, monk
         limits.append(stack)
         original(self, run_)
 
-    monkeypatch.setattr(events.MetricsCSV, "write", write_on_a_full_disk)
+    monkeypatch.setattr(metrics.MetricsCSV, "write", write_on_a_full_disk)
     try:
         result = runner.invoke(app, ["train", "--resume", str(run), "--epochs", "2", "-q"])
     finally:

@@ -24,8 +24,9 @@ from PIL import Image
 
 from cnnkit.checkpoint import load_weights, read_meta, save_weights
 from cnnkit.cli.app import app
+from cnnkit.rundir import RunDir
 from cnnkit.testing import write_fashion_mnist_folder as write_idx_folder
-from cnnkit.training import events
+from cnnkit.training import handlers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,7 +127,7 @@ def fake_run(tmp_path: Path, losses: list[tuple[float, float]], accs: list[tuple
     ]
     best = max(range(len(history)), key=lambda i: history[i]["test_acc"])
     return SimpleNamespace(
-        history=history, best_epoch=best + 1, best_acc=history[best]["test_acc"], run_dir=tmp_path,
+        history=history, best_epoch=best + 1, best_acc=history[best]["test_acc"], dir=RunDir(tmp_path),
         config=SimpleNamespace(epochs=len(history), model="resnet18", dataset="coil20"),
     )  # fmt: skip
 
@@ -139,7 +140,7 @@ def test_curves_have_a_loss_panel_and_an_accuracy_panel_with_the_best_epoch(tmp_
 
     monkeypatch.setattr(matplotlib, "use", no_global_backend)
     run = fake_run(tmp_path, [(3.4, 135.7), (6.8, 372.2), (2.4, 4.4)], [(0.26, 0.05), (0.21, 0.05), (0.47, 0.16)])
-    plot = events.CurvesPlot()
+    plot = handlers.CurvesPlot()
     figure = plot.figure(run)
     loss_axes, acc_axes = figure.axes
     assert loss_axes.get_yscale() == "log" and "loss" in loss_axes.get_ylabel()  # 2.4 .. 372: log scale
@@ -161,7 +162,7 @@ def test_the_figure_is_freed_before_plot_returns(tmp_path: Path) -> None:
     # of matplotlib's weakref callbacks then is only printed: the run would not stop.
     import weakref
 
-    plot, refs = events.CurvesPlot(), []
+    plot, refs = handlers.CurvesPlot(), []
     draw = plot.figure
 
     def recorded(run: Any) -> Any:
@@ -176,7 +177,7 @@ def test_the_figure_is_freed_before_plot_returns(tmp_path: Path) -> None:
 
 def test_small_losses_keep_a_linear_axis(tmp_path: Path) -> None:
     run = fake_run(tmp_path, [(0.93, 0.52), (0.43, 0.41)], [(0.65, 0.79), (0.84, 0.85)])
-    loss_axes, _ = events.CurvesPlot().figure(run).axes
+    loss_axes, _ = handlers.CurvesPlot().figure(run).axes
     assert loss_axes.get_yscale() == "linear"
 
 
@@ -288,7 +289,7 @@ def test_without_a_terminal_no_control_codes(runner, idx_data: Path, tmp_path: P
 
 
 def test_logs_get_a_progress_line_during_long_epochs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    console = events.Console(quiet=False, log_every=0.0)
+    console = handlers.Console(quiet=False, log_every=0.0)
     assert not console.live  # pytest captures stderr: no terminal
     run: Any = SimpleNamespace(
         epoch=1, seen=0, loss=None, data=SimpleNamespace(train=range(60000)), config=SimpleNamespace(epochs=10)
@@ -339,7 +340,7 @@ def test_ctrl_c_before_the_first_save_leaves_no_run_directory(runner, idx_data: 
     def ctrl_c(self: object, run: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(events.Console, "epoch_started", ctrl_c)
+    monkeypatch.setattr(handlers.Console, "epoch_started", ctrl_c)
     runs = tmp_path / "runs"
     result = runner.invoke(app, train_args(idx_data, "--runs-dir", str(runs)))
     assert result.exit_code == 130

@@ -16,7 +16,8 @@ from cnnkit.config import TrainConfig, resolve_config
 from cnnkit.errors import DivergedError, InterruptedRun, UsageError
 from cnnkit.protocols import DatasetSplits, ImageTensors
 from cnnkit.training.context import Run
-from cnnkit.training.events import METRIC_COLUMNS, Events, Handler
+from cnnkit.training.events import Events, Handler
+from cnnkit.training.handlers import METRIC_COLUMNS
 from cnnkit.training.run import resume, train
 
 TIMING = {"examples_per_s", "epoch_seconds"}
