@@ -255,7 +255,8 @@ def complete_run_problems(run: Path, reference: Path | None, epochs: int = EPOCH
     import torch
 
     from cnnkit.checkpoint import load_weights
-    from cnnkit.training.state import STATE_NAME, load_state
+    from cnnkit.rundir import STATE_NAME
+    from cnnkit.training.state import load_state
 
     problems = [f"temp file left: {name}" for name in temp_files(run)]
     try:

@@ -28,11 +28,10 @@ from cnnkit.errors import (
     closest,
 )
 from cnnkit.fs import atomic_write
+from cnnkit.rundir import BEST_NAME, LAST_NAME
 
 __all__ = [
     "META_KEY",
-    "BEST_NAME",
-    "LAST_NAME",
     "WeightsMeta",
     "save_weights",
     "read_meta",
@@ -41,12 +40,11 @@ __all__ = [
     "resolve_weights",
     "export_weights",
     "provider_of",
+    "unwrap",
 ]
 
 META_KEY = "cnnkit"
 """The safetensors metadata key holding :class:`WeightsMeta` as JSON."""
-BEST_NAME = "best.safetensors"
-LAST_NAME = "last.safetensors"
 
 
 class WeightsMeta(BaseModel):
@@ -97,9 +95,12 @@ def provider_of(model: str) -> tuple[str | None, str | None]:
     return entry.distribution, entry.version or None
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # torch.compile wraps the module and prefixes every key with "_orig_mod.".
-    return getattr(model, "_orig_mod", model)
+def unwrap(net: nn.Module) -> nn.Module:
+    """The module inside torch.compile and DistributedDataParallel wrappers: what weights files,
+    the resume point and evaluation use (compile prefixes every key with ``_orig_mod.``, DDP with
+    ``module.``)."""
+    net = getattr(net, "_orig_mod", net)
+    return getattr(net, "module", net) if type(net).__name__ == "DistributedDataParallel" else net
 
 
 def _float_dtype(model: nn.Module) -> str:
@@ -118,7 +119,7 @@ def save_weights(path: str | Path, model: nn.Module, meta: WeightsMeta) -> None:
     checks its ``--out`` folder first (:func:`export_weights`).
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    model = _unwrap(model)
+    model = unwrap(model)
     meta = meta.model_copy(update={"weights_dtype": _float_dtype(model)})
     metadata = {META_KEY: meta.model_dump_json()}
     atomic_write(path, lambda tmp: save_model(model, str(tmp), metadata=metadata, force_contiguous=True))

@@ -10,7 +10,6 @@ is the whole of ``cnnkit predict``.
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from cnnkit.checkpoint import WeightsMeta, load_weights, resolve_weights
 from cnnkit.errors import DataError, UsageError, WeightsError
 from cnnkit.fs import atomic_write
 from cnnkit.prediction import Prediction, decode_images, prepare_batch, rank
+from cnnkit.rundir import RunDir
 
 if TYPE_CHECKING:
     from cnnkit.protocols import DatasetSplits
@@ -217,13 +217,7 @@ def recorded_data_folder(weights: Path, meta: WeightsMeta) -> Path | None:
     """
     if meta.data:
         return Path(meta.data)
-    config = weights.parent / "config.json"
-    try:
-        record = json.loads(config.read_text(encoding="utf-8"))
-        folder = record.get("config", {}).get("data") or record.get("environment", {}).get("dataset_source")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return Path(folder) if isinstance(folder, str) and folder else None
+    return RunDir(weights.parent).recorded_data_folder()
 
 
 def evaluate_weights(

@@ -11,6 +11,7 @@ checks both).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args, runtime_checkable
@@ -20,9 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-    from cnnkit.config import TrainConfig
-    from cnnkit.training.context import Run, RunResult
 
 __all__ = [
     "HYPERPARAMETER_KEYS",
@@ -34,6 +32,10 @@ __all__ = [
     "ImageTensors",
     "DatasetSplits",
     "DatasetSpec",
+    "Batches",
+    "TrainingRun",
+    "RunResult",
+    "REQUIRED_METRICS",
     "Trainer",
 ]
 
@@ -183,16 +185,152 @@ class DatasetSpec(Protocol):
         ...
 
 
+REQUIRED_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
+"""What a trainer reports for every epoch; ``lr``, ``examples_per_s`` and ``epoch_seconds`` are
+filled in by the run when a trainer leaves them out."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a fit returns: where the run is and how it went."""
+
+    run_dir: Path
+    history: list[dict[str, float]]
+    """One metrics row per completed epoch (what metrics.csv holds)."""
+    best_acc: float
+    best_epoch: int
+    examples_per_s: float
+    """Training examples per second over the whole run (d2l's figure)."""
+    device: str
+    stopped_early: bool
+
+    @property
+    def final(self) -> dict[str, float]:
+        """The last epoch's metrics."""
+        return self.history[-1] if self.history else {}
+
+
+class Batches(Protocol):
+    """What ``run.loader(split)`` returns: batches prepared on the run's device."""
+
+    num_examples: int
+    """Examples one epoch yields over all processes (the split, less a dropped last batch)."""
+
+    def __len__(self) -> int:
+        """Batches per epoch (optimisation steps per epoch for the training split)."""
+        ...
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(images, labels)`` of ``epoch``: float32 (B, C, S, S) resized, normalised and (train,
+        if the config says so) augmented; int64 labels. The order and augmentation depend only on
+        (seed, epoch), so a resumed run sees the same batches."""
+        ...
+
+    def part_weight(self, index: int, size: int) -> float:
+        """How much this process's ``size`` examples of batch ``index`` weigh in the global batch's
+        mean loss: 1.0 except in an uneven last batch of a multi-process run. Multiply the loss
+        by it when it is not 1 (DDP averages the processes' gradients)."""
+        ...
+
+
+@runtime_checkable
+class TrainingRun(Protocol):
+    """The run as a trainer sees it: everything ``Trainer.fit`` may use, and nothing else.
+
+    The driver owns it and has already built the model (on ``device``), loaded the data, made the
+    run directory, restored the weights and RNG of a resumed run, and attached every handler
+    (progress, log, metrics.csv, curves, checkpoints, early stopping, TensorBoard) to its events.
+    """
+
+    device: torch.device
+    """Where the model and the batches are (``cpu``, ``cuda:0``, ...)."""
+    options: BaseModel
+    """The trainer's own options (``-t key=value``), validated by its ``options`` model."""
+    amp_dtype: torch.dtype | None
+    """``torch.bfloat16`` or ``torch.float16`` when mixed precision is on for this run
+    (``--amp``, default on CUDA), ``None`` when it is off: run the forward pass under
+    ``torch.autocast(device.type, dtype=amp_dtype)`` only when it is not None, and use a GradScaler
+    only for float16."""
+    resumed: bool
+    """True when this run continues a saved one (``--resume``, or torchrun restarting the job):
+    the weights, RNG and (at :meth:`start`) optimiser and trainer state are already restored."""
+    first_epoch: int
+    """The first epoch :meth:`epochs` yields: 1 for a fresh run, the saved epoch + 1 when resumed."""
+    epoch: int
+    """The epoch being trained, 1-based (0 before the first); after it completes, epochs done."""
+    step: int
+    """Optimisation steps since the run began, across resumes (the schedule's clock). The trainer
+    advances it by one per optimiser step; it is saved with every epoch."""
+    lr: float
+    """The learning rate of the last step; set it when you set the optimiser's (it goes into the
+    metrics row and the progress line). NaN before the first step."""
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimiser the config names (``optimizer``, ``lr``, ``momentum``, ``nesterov``,
+        ``weight_decay``: decay on weights and kernels, never on biases or norms)."""
+        ...
+
+    def lr_schedule(self, steps_per_epoch: int) -> Callable[[int], float]:
+        """``step -> learning rate`` of the config's ``schedule`` and ``warmup`` over
+        ``epochs * steps_per_epoch`` optimisation steps (a pure function of ``step``, so resuming
+        needs nothing else). Set every parameter group's ``lr`` to ``lr_at(run.step)`` before a step."""
+        ...
+
+    def start(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Call once, before :meth:`epochs`, after making your optimiser and any state of your own:
+        registers the optimiser (its state is checkpointed every epoch) and, when resumed, loads the
+        saved optimiser state and calls the trainer's ``load_state_dict`` with what its
+        ``state_dict`` returned at the saved epoch."""
+        ...
+
+    def epochs(self) -> Iterator[int]:
+        """The epochs still to train, from :attr:`first_epoch` to ``config.epochs`` (1-based),
+        emitting EPOCH_STARTED before each; stops after an epoch in which early stopping asked to."""
+        ...
+
+    def loader(self, split: Literal["train", "test"]) -> Batches:
+        """Batches of ``split`` at the config's input size and normalisation, this process's part of
+        each global batch of ``config.batch_size`` (the test split in batches twice that size)."""
+        ...
+
+    def iteration_completed(self, seen: int, loss: float) -> None:
+        """Mid-epoch progress: ``seen`` training examples this process has trained on so far this
+        epoch, ``loss`` their mean training loss. Call it now and then (every second or so), not
+        every step: reading ``loss`` syncs the device. A non-finite loss ends the run (exit 5)."""
+        ...
+
+    def evaluate(self, net: nn.Module, loader: Batches | None = None) -> dict[str, float]:
+        """``{"test_loss": mean cross-entropy, "test_acc": top-1 in 0..1}`` of ``net`` on the test
+        split (eval mode, no gradients, under AMP when on), over all processes."""
+        ...
+
+    def epoch_completed(self, metrics: Mapping[str, float], examples: int | None = None) -> None:
+        """Record the epoch: ``metrics`` holds at least :data:`REQUIRED_METRICS` (losses are means,
+        accuracies in 0..1, this process's figures: the run averages them over processes); it may
+        add ``lr``, ``examples_per_s``, ``epoch_seconds``. ``examples``: training examples this
+        process saw in the epoch (default: the last report's, else its part of the split). Emits
+        EPOCH_COMPLETED, on which checkpoints, metrics.csv, curves, log and early stopping act."""
+        ...
+
+    def result(self) -> RunResult:
+        """What ``fit`` returns."""
+        ...
+
+
 @runtime_checkable
 class Trainer(Protocol):
     """Fits a model to a dataset; the run driver does everything around the fit.
 
-    The driver (``cnnkit.training.run``) resolves the config, builds the model, loads the data,
-    creates the run directory, seeds, handles Ctrl-C and divergence, and attaches progress,
-    metrics, curves, log and checkpoint handlers to the events it emits through ``run``. A trainer
-    only trains: it calls ``run.start(optimizer)``, iterates ``run.epochs()``, reports each epoch
-    with ``run.epoch_completed(metrics)`` and returns ``run.result()``. A fresh trainer object is
-    made for every run (an entry point names the class).
+    A trainer only trains: it builds its optimiser (``run.build_optimizer``), calls
+    ``run.start(optimizer)``, iterates ``run.epochs()``, reports each epoch with
+    ``run.epoch_completed(metrics)`` and returns ``run.result()``. A fresh trainer object is made for
+    every run (an entry point names the class).
+
+    Optional: a trainer with state of its own (an EMA of the weights, a GradScaler, a counter)
+    defines ``state_dict() -> dict`` and ``load_state_dict(state: dict) -> None``. The state is
+    saved with every epoch into ``state.safetensors`` (tensors as safetensors, everything else as
+    JSON: a tree of dicts with string keys, lists, tensors, numbers, strings and None; never pickle)
+    and handed back to ``load_state_dict`` by ``run.start`` when the run is resumed.
     """
 
     name: str
@@ -203,7 +341,8 @@ class Trainer(Protocol):
     """Pydantic model (``extra="forbid"``) of the trainer's own options (``-t key=value``); the
     validated instance is ``run.options``."""
 
-    def fit(self, model: nn.Module, data: DatasetSplits, config: TrainConfig, run: Run) -> RunResult:
-        """Train ``model`` (already on ``run.device``) on ``data.train`` under ``config``, evaluating on
-        ``data.test`` each epoch; resuming is the driver's job (``run.start`` restores the saved point)."""
+    def fit(self, model: nn.Module, data: DatasetSplits, config: Any, run: TrainingRun) -> RunResult:
+        """Train ``model`` (already on ``run.device``, wrapped in DDP when several processes train) on
+        ``data.train`` under ``config`` (a ``cnnkit.config.TrainConfig``), evaluating on ``data.test``
+        each epoch; resuming is the driver's job (``run.start`` restores the saved point)."""
         ...

@@ -92,10 +92,11 @@ def _code_spelling(pattern: str) -> set[str]:
     """Modules whose code (docstrings and comments aside) contains ``pattern``."""
     found = set()
     for name, path in _modules().items():
-        source = path.read_text(encoding="utf-8")
-        for node in ast.walk(ast.parse(source)):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = _docstrings(tree)
+        for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.search(pattern, node.value):
-                if not _is_docstring(node, source):
+                if id(node) not in docstrings:
                     found.add(name)
             elif isinstance(node, ast.Name | ast.Attribute | ast.arg | ast.keyword):
                 ident = getattr(node, "id", None) or getattr(node, "attr", None) or getattr(node, "arg", None)
@@ -104,17 +105,17 @@ def _code_spelling(pattern: str) -> set[str]:
     return found
 
 
-def _is_docstring(node: ast.Constant, source: str) -> bool:
-    tree = ast.parse(source)
+def _docstrings(tree: ast.Module) -> set[int]:
+    """ids of the string constants that are docstrings (of modules, classes, functions, attributes)."""
+    found: set[int] = set()
     for owner in ast.walk(tree):
         if isinstance(owner, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
             body = owner.body
-            if body and isinstance(body[0], ast.Expr) and body[0].value is node:
-                return True
-            for first, second in zip(body, body[1:]):
-                if isinstance(second, ast.Expr) and second.value is node and isinstance(first, ast.AnnAssign | ast.Assign):
-                    return True  # an attribute docstring
-    return False
+            for index, statement in enumerate(body):
+                first_or_after_assignment = index == 0 or isinstance(body[index - 1], ast.AnnAssign | ast.Assign)
+                if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant) and first_or_after_assignment:
+                    found.add(id(statement.value))
+    return found
 
 
 def test_config_json_is_spelled_in_one_module() -> None:

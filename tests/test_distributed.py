@@ -29,8 +29,8 @@ from cnnkit.errors import UsageError
 from cnnkit.protocols import ImageTensors
 from cnnkit.registry import MODELS, TRAINERS
 from cnnkit.testing import write_fashion_mnist_folder as write_idx_folder
-from cnnkit.training.distributed import Topology
-from cnnkit.training.run import _check_distributable, train
+from cnnkit.training.run import train
+from cnnkit.training.strategy import DistributedDataParallelStrategy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -243,7 +243,6 @@ def test_shards_of_every_global_batch_add_up_to_the_whole_batch() -> None:
 def test_the_global_batch_must_divide_over_the_processes(tmp_path: Path) -> None:
     config = resolve_config(overrides={"model": "lenet", "batch_size": 30})
     with pytest.raises(UsageError, match="global batch and must divide evenly over 4 processes.*use 28 or 32"):
-        _check_distributable(config, Topology(rank=0, world_size=4, backend="gloo"))
+        DistributedDataParallelStrategy(torch.device("cpu"), 0, 4, 0, "gloo").check(config.batch_size, False)
     with pytest.raises(UsageError, match="--sync-bn needs CUDA"):
-        _check_distributable(config.model_copy(update={"batch_size": 32, "sync_bn": True}),
-                             Topology(world_size=2, backend="gloo"))  # fmt: skip
+        DistributedDataParallelStrategy(torch.device("cpu"), 1, 2, 0, "gloo").check(32, True)

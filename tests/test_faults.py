@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from cnnkit.cli.app import app
-from cnnkit.training.run import next_run_dir
+from cnnkit.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("faults", ROOT / "bench" / "faults.py")
@@ -242,7 +242,7 @@ def test_parallel_run_numbers_are_distinct(tmp_path: Path) -> None:
 
     def claim() -> None:
         start.wait()
-        taken.append(next_run_dir(tmp_path, "lenet_bn", "fashion-mnist"))
+        taken.append(RunDir.next_numbered(tmp_path, "lenet_bn", "fashion-mnist").path)
 
     threads = [threading.Thread(target=claim) for _ in range(16)]
     for thread in threads:
@@ -253,7 +253,7 @@ def test_parallel_run_numbers_are_distinct(tmp_path: Path) -> None:
 
 
 def _claim_run_dir(runs: str) -> str:
-    return str(next_run_dir(runs, "lenet_bn", "fashion-mnist"))
+    return str(RunDir.next_numbered(runs, "lenet_bn", "fashion-mnist").path)
 
 
 def test_parallel_processes_get_distinct_run_numbers(tmp_path: Path) -> None:

@@ -17,8 +17,9 @@ import torch
 
 from cnnkit.checkpoint import load_weights, read_meta
 from cnnkit.cli.app import app
+from cnnkit.rundir import STATE_NAME
 from cnnkit.testing import write_fashion_mnist_folder as write_idx_folder
-from cnnkit.training.state import STATE_NAME, load_state
+from cnnkit.training.state import load_state
 
 CLASSES = 10
 

@@ -19,8 +19,9 @@ import pytest
 from cnnkit.checkpoint import load_weights
 from cnnkit.cli.app import app
 from cnnkit.registry import TRAINERS
+from cnnkit.rundir import STATE_NAME
 from cnnkit.testing import write_fashion_mnist_folder as write_idx_folder
-from cnnkit.training.state import STATE_NAME, load_state
+from cnnkit.training.state import load_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

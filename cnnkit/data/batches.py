@@ -78,7 +78,7 @@ class BatchLoader:
     ``mean``/``std`` are given, normalised; int64 labels. ``augment`` adds a random crop from a
     zero-padded image (pad = image_size / 8) and a horizontal flip, drawn per example.
 
-    ``shard=(rank, world_size)`` (distributed training): ``batch_size`` stays the global batch; each
+    ``shard=(part, parts)`` (distributed training): ``batch_size`` stays the global batch; each
     process yields its contiguous part of every global batch (sizes differ by at most one; an
     empty part is skipped). Every process derives the same permutation and the same augmentation
     draws from (seed, epoch), so the shards of an epoch cover each example exactly once and the
@@ -104,7 +104,7 @@ class BatchLoader:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= shard[0] < shard[1]:
-            raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
+            raise ValueError(f"shard must be (part, parts) with 0 <= part < parts, got {shard}")
         self.shard = shard
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -145,6 +145,12 @@ class BatchLoader:
     def __len__(self) -> int:
         n = int(self.labels.shape[0])
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def part_weight(self, index: int, size: int) -> float:
+        """How much this process's ``size`` examples of batch ``index`` weigh in the global batch's
+        mean loss: ``size * parts / global batch``, 1.0 but in an uneven last batch."""
+        whole = min(self.batch_size, self.num_examples - index * self.batch_size)
+        return size * self.shard[1] / whole
 
     def _generator(self, epoch: int) -> torch.Generator:
         generator = torch.Generator(device="cpu")

@@ -1,25 +1,28 @@
-"""``Run``: the object the run driver owns and hands to the trainer and to every event handler.
+"""``Run``: the driver's run, handed to the trainer (as :class:`~cnnkit.protocols.TrainingRun`) and
+to every event handler.
 
-A trainer uses a handful of its members (the contract ``docs/plugins.md`` documents)::
+A trainer uses only what ``TrainingRun`` declares (``docs/plugins.md`` documents it)::
 
-    optimizer = build_optimizer(model, config)
+    optimizer = run.build_optimizer(model)
     run.start(optimizer)                 # restores the resume point, if any; registers for checkpoints
+    lr_at = run.lr_schedule(len(batches))
     for epoch in run.epochs():           # emits EPOCH_STARTED; stops early when a handler asks
         ...                              # train; advance run.step per optimisation step
         run.iteration_completed(seen, loss)     # now and then: progress and the divergence check
         run.epoch_completed({"train_loss": ..., "train_acc": ..., **run.evaluate(model)})
     return run.result()
 
-Everything else here is for the driver and the handlers: the directory, the weights metadata, the
-history and best epoch, the reason a run stopped.
+Where the run is lives in ``run.state`` (a :class:`~cnnkit.training.state.RunState`; its fields
+read through as ``run.epoch``, ``run.history`` and so on); the handlers also read the run
+directory (``run.dir``), the weights metadata and the environment config.json records. One
+process or many is the strategy's business (``run.strategy``): nothing here tests for it.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -30,39 +33,38 @@ from torch import nn
 
 from cnnkit.checkpoint import WeightsMeta
 from cnnkit.config import TrainConfig
-from cnnkit.errors import CnnkitError, DivergedError, UsageError
-from cnnkit.protocols import DatasetSplits
-from cnnkit.training.state import TrainerState
+from cnnkit.errors import DivergedError, UsageError
+from cnnkit.protocols import REQUIRED_METRICS, DatasetSplits, RunResult, Trainer
+from cnnkit.rundir import RunDir
+from cnnkit.training.events import EventBus, Events
+from cnnkit.training.state import ResumePoint, RunState
+from cnnkit.training.strategy import SingleDevice, Strategy
 
 if TYPE_CHECKING:
     from cnnkit.data.batches import BatchLoader
-    from cnnkit.training.events import EventBus, Events
 
-__all__ = ["Run", "RunResult", "REQUIRED_METRICS"]
-
-REQUIRED_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
-"""What a trainer reports for every epoch; ``lr``, ``examples_per_s`` and ``epoch_seconds`` are
-filled in by the driver when a trainer leaves them out."""
+__all__ = ["Run", "RunResult", "REQUIRED_METRICS", "diverged"]
 
 
-@dataclass(frozen=True)
-class RunResult:
-    """What a fit returns: where the run is and how it went."""
+def diverged(loss: float, epoch: int, lr: float, step: int | None = None) -> DivergedError:
+    """The one-line error of a non-finite loss (exit 5)."""
+    where = f"epoch {epoch}, step {step}" if step is not None else f"epoch {epoch}"
+    return DivergedError(
+        f"loss became {loss} at {where} (lr {lr:.4g}); lower --lr or use --recipe default; best weights are kept"
+    )
 
-    run_dir: Path
-    history: list[dict[str, float]]
-    """One metrics row per completed epoch (what metrics.csv holds)."""
-    best_acc: float
-    best_epoch: int
-    examples_per_s: float
-    """Training examples per second over the whole run (d2l's figure)."""
-    device: str
-    stopped_early: bool
 
-    @property
-    def final(self) -> dict[str, float]:
-        """The last epoch's metrics."""
-        return self.history[-1] if self.history else {}
+class _InState:
+    """A ``Run`` attribute that reads and writes the field of the same name in ``run.state``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, run: Any, owner: type | None = None) -> Any:
+        return getattr(run.state, self.name)
+
+    def __set__(self, run: Any, value: Any) -> None:
+        setattr(run.state, self.name, value)
 
 
 @dataclass(eq=False)
@@ -70,9 +72,9 @@ class Run:
     """One training run, as the driver, the trainer and the event handlers share it."""
 
     config: TrainConfig
-    run_dir: Path
+    dir: RunDir
     model: nn.Module
-    """The model being trained (on ``device``); checkpoints save it."""
+    """The bare model being trained (on ``device``); checkpoints save it."""
     data: DatasetSplits
     device: torch.device
     options: BaseModel
@@ -80,62 +82,73 @@ class Run:
     events: EventBus
     meta: WeightsMeta
     """Template for the weights files' metadata (epoch and metrics filled in when saving)."""
+    strategy: Strategy = field(default_factory=lambda: SingleDevice(torch.device("cpu")))
     amp_dtype: torch.dtype | None = None
     """bf16 or fp16 when mixed precision is on for this device (``config.amp``), else None."""
-    resume_from: TrainerState | None = None
+    resume_from: ResumePoint | None = None
     """The saved point ``start`` restores (``--resume``); None for a fresh run."""
-    rank: int = 0
-    """This process's rank in a distributed run (torchrun); 0 otherwise. Only rank 0 writes files."""
-    world_size: int = 1
-    """Processes training together (each on its shard of every global batch); 1 when not distributed."""
-    backend: str | None = None
-    """The process group's backend (``nccl`` or ``gloo``) in a distributed run, else None."""
+    trainer: Trainer | None = None
+    """The trainer fitting this run (its optional ``state_dict`` goes into the resume point)."""
+    environment: dict[str, Any] = field(default_factory=dict)
+    """What config.json records of the environment (the driver fills it in before STARTED)."""
+    state: RunState = field(default_factory=RunState)
     optimizer: torch.optim.Optimizer | None = None
-    epoch: int = 0
-    """The epoch being trained (1-based); after it completes, the number of epochs done."""
-    step: int = 0
-    """Optimisation steps since the run began: the trainer advances it, the driver saves it."""
-    seen: int = 0
-    """Training examples seen this epoch (as last reported)."""
-    loss: float | None = None
-    """Mean training loss so far this epoch (as last reported; None before the first report)."""
-    lr: float = math.nan
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_acc: float = -1.0
-    best_epoch: int = 0
-    train_seconds: float = 0.0
-    train_examples: int = 0
-    saved_epoch: int = 0
-    """The epoch the files on disk (last, state) hold; kept current by the checkpoint handler."""
-    should_stop: bool = False
-    """Set by a handler (early stopping) to end the run after this epoch."""
-    error: CnnkitError | None = None
-    """Why the run ended early (set before FAILED or INTERRUPTED is emitted)."""
     started: bool = False
     _epoch_started_at: float = 0.0
+    _local_seen: int = 0
 
-    # -- for trainers ----------------------------------------------------------------------------
+    epoch = _InState()
+    step = _InState()
+    lr = _InState()
+    history = _InState()
+    best_acc = _InState()
+    best_epoch = _InState()
+    saved_epoch = _InState()
+    should_stop = _InState()
+    error = _InState()
+    seen = _InState()
+    loss = _InState()
+    train_seconds = _InState()
+    train_examples = _InState()
+
+    # -- for trainers (cnnkit.protocols.TrainingRun) ----------------------------------------------
+    @property
+    def resumed(self) -> bool:
+        return self.resume_from is not None
+
+    @property
+    def first_epoch(self) -> int:
+        return (self.resume_from.epoch if self.resume_from is not None else 0) + 1
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        from cnnkit.training.optim import build_optimizer
+
+        return build_optimizer(model, self.config)
+
+    def lr_schedule(self, steps_per_epoch: int) -> Callable[[int], float]:
+        from cnnkit.training.optim import lr_schedule
+
+        return lr_schedule(self.config, steps_per_epoch)
+
     def start(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """Register the optimiser (its state is checkpointed) and restore the resume point into the
-        model and the optimiser. Call once, before :meth:`epochs`."""
         self.optimizer = optimizer
         saved = self.resume_from
-        if saved is not None and saved.optimizer and optimizer is not None:
-            optimizer.load_state_dict(saved.optimizer)
+        if saved is not None:
+            if saved.optimizer and optimizer is not None:
+                optimizer.load_state_dict(saved.optimizer)
+            load = getattr(self.trainer, "load_state_dict", None)
+            if saved.trainer and callable(load):
+                load(saved.trainer)
         self.started = True
 
     def epochs(self) -> Iterator[int]:
-        """The epochs still to train (after the resume point), emitting EPOCH_STARTED before each and
-        stopping after an epoch in which a handler set ``should_stop``."""
-        from cnnkit.training.events import Events
-
         if not self.started:
             raise UsageError(
                 f"trainer '{self.config.trainer}' iterated run.epochs() before run.start(optimizer); "
                 "see docs/plugins.md"
             )
         for epoch in range(self.epoch + 1, self.config.epochs + 1):
-            self.epoch, self.seen, self.loss = epoch, 0, None
+            self.epoch, self.seen, self.loss, self._local_seen = epoch, 0, None, 0
             self._epoch_started_at = time.perf_counter()
             self.events.emit(Events.EPOCH_STARTED, self)
             yield epoch
@@ -147,25 +160,14 @@ class Run:
                 break
 
     def iteration_completed(self, seen: int, loss: float) -> None:
-        """Report progress mid-epoch (call it now and then, not every step: it may sync the device)."""
-        from cnnkit.training.events import Events
-
-        self.seen, self.loss = seen, float(loss)
+        self._local_seen = seen
+        self.seen, self.loss = self.strategy.whole_job(seen), float(loss)
         if not math.isfinite(self.loss):
-            raise DivergedError(
-                f"loss became {self.loss} in epoch {self.epoch} (lr {self.lr:.4g}); lower --lr or use "
-                "--recipe default; best weights are kept"
-            )
+            raise diverged(self.loss, self.epoch, self.lr)
         self.events.emit(Events.ITERATION_COMPLETED, self)
 
     def epoch_completed(self, metrics: Mapping[str, float], examples: int | None = None) -> None:
-        """Record the epoch's metrics (at least :data:`REQUIRED_METRICS`) and emit EPOCH_COMPLETED, on
-        which the checkpoints, metrics.csv, curves, log and early stopping act. ``examples``: how many
-        training examples the epoch saw (default: the last report's, else the whole split)."""
-        from cnnkit.training.events import Events
-
-        if self.world_size > 1:
-            metrics, examples = self._reduce_train_metrics(metrics, examples)
+        metrics, examples = self._reduce_train_metrics(metrics, examples)
         missing = [key for key in REQUIRED_METRICS if key not in metrics]
         if missing:
             raise UsageError(
@@ -173,51 +175,39 @@ class Run:
                 f"run.epoch_completed needs {', '.join(REQUIRED_METRICS)}"
             )
         if not math.isfinite(float(metrics["train_loss"])):
-            raise DivergedError(
-                f"loss became {float(metrics['train_loss'])} in epoch {self.epoch}; lower --lr or use "
-                "--recipe default; best weights are kept"
-            )
+            raise diverged(float(metrics["train_loss"]), self.epoch, self._current_lr())
         seconds = float(metrics.get("epoch_seconds", time.perf_counter() - self._epoch_started_at))
-        seen = examples if examples is not None else (self.seen or len(self.data.train))
-        self.seen = seen
+        self.seen = examples
         row = {
             "epoch": self.epoch,
             **{key: float(metrics[key]) for key in REQUIRED_METRICS},
             "lr": float(metrics.get("lr", self._current_lr())),
-            "examples_per_s": float(metrics.get("examples_per_s", seen / max(seconds, 1e-9))),
+            "examples_per_s": float(metrics.get("examples_per_s", examples / max(seconds, 1e-9))),
             "epoch_seconds": seconds,
         }
         self.history.append(row)
         self.train_seconds += seconds
-        self.train_examples += seen
+        self.train_examples += examples
         if row["test_acc"] > self.best_acc:
             self.best_acc, self.best_epoch = row["test_acc"], self.epoch
         self.events.emit(Events.EPOCH_COMPLETED, self)
 
     def _reduce_train_metrics(self, metrics: Mapping[str, float], examples: int | None) -> tuple[dict[str, float], int]:
-        """Every rank reports its own shard: the means of train_loss and train_acc weighted by each
-        rank's examples, the examples and the throughput summed. Test metrics come from
-        :meth:`evaluate`, already reduced."""
-        from cnnkit.training.distributed import sum_over_ranks
-
-        local = examples if examples is not None else (self.seen or -(-len(self.data.train) // self.world_size))
+        """Every process reports its own part: the strategy combines them (one process: as given)."""
+        if examples is None:
+            examples = self._local_seen or self.strategy.local_share(len(self.data.train))
         seconds = float(metrics.get("epoch_seconds", time.perf_counter() - self._epoch_started_at))
-        rate = float(metrics.get("examples_per_s", local / max(seconds, 1e-9)))
-        present = [key for key in ("train_loss", "train_acc") if key in metrics]
-        sums = sum_over_ranks([float(metrics[key]) * local for key in present] + [local, rate])
-        total = int(round(sums[-2]))
-        reduced = {**metrics, **{key: value / max(total, 1) for key, value in zip(present, sums, strict=False)}}
-        reduced["examples_per_s"] = sums[-1]
-        return reduced, total
+        rate = float(metrics.get("examples_per_s", examples / max(seconds, 1e-9)))
+        means = {key: float(metrics[key]) for key in ("train_loss", "train_acc") if key in metrics}
+        means, total, rate = self.strategy.reduce_epoch(means, examples, rate)
+        return {**metrics, **means, "examples_per_s": rate}, total
 
     def _current_lr(self) -> float:
         if math.isfinite(self.lr) or self.optimizer is None or not self.optimizer.param_groups:
-            return self.lr
+            return float(self.lr)
         return float(self.optimizer.param_groups[0]["lr"])
 
     def loader(self, split: Literal["train", "test"]) -> BatchLoader:
-        """Batches of ``split`` prepared on the device at the config's input size and normalisation;
-        the training split shuffled and (if the config says so) augmented, reproducibly per epoch."""
         from cnnkit.data.batches import BatchLoader
 
         config = self.config
@@ -227,69 +217,41 @@ class Run:
             "std": self.meta.std,
             "device": self.device,
             "channels_last": self.channels_last,
-            # Distributed: each rank yields its part of every global batch (batch_size is global).
-            "shard": (self.rank, self.world_size),
+            "shard": self.strategy.shard(),  # this process's part of every global batch
         }
         if split == "train":
-            # Every rank must take every step: a last batch too small to give each rank an example
-            # is left out of this epoch (its examples come in other epochs' permutations).
-            tail = len(self.data.train) % config.batch_size
             return BatchLoader(
                 self.data.train, batch_size=config.batch_size, augment=config.augment, shuffle=True,
-                seed=config.seed, drop_last=0 < tail < self.world_size, **common,
+                seed=config.seed, drop_last=self.strategy.drop_last(len(self.data.train), config.batch_size),
+                **common,
             )  # fmt: skip
         return BatchLoader(self.data.test, batch_size=2 * config.batch_size, **common)
 
     def evaluate(self, net: nn.Module, loader: BatchLoader | None = None) -> dict[str, float]:
-        """``{"test_loss", "test_acc"}`` of ``net`` on the test split (eval mode, under AMP if on)."""
-        from cnnkit.evaluate import evaluate
-
         batches = loader if loader is not None else self.loader("test")
         dtype = self.amp_dtype or torch.bfloat16
-        autocast = torch.autocast(self.device.type, dtype=dtype, enabled=self.amp_dtype is not None)
-        if self.world_size == 1:
-            with autocast:
-                result = evaluate(net, batches.epoch(0), len(self.data.classes))
-            return {"test_loss": result.loss, "test_acc": result.top1}
-        from cnnkit.training.distributed import broadcast_buffers, sum_over_ranks, unwrap
-
-        # Each rank evaluates its shard with the bare module (a DDP forward would wait for the
-        # other ranks, whose shards may have one batch fewer) and rank 0's BatchNorm statistics,
-        # the ones the checkpoint saves; the sums are then added over the ranks.
-        bare = unwrap(net)
-        broadcast_buffers(bare)
-        batch_iter = batches.epoch(0)
-        first = next(batch_iter, None)
-        loss_sum = correct = count = 0.0
-        if first is not None:
-            with autocast:
-                result = evaluate(bare, itertools.chain([first], batch_iter), len(self.data.classes))
-            count = float(result.examples)
-            loss_sum, correct = result.loss * count, float(result.confusion.diagonal().sum())
-        loss_sum, correct, count = sum_over_ranks([loss_sum, correct, count])
-        return {"test_loss": loss_sum / max(count, 1.0), "test_acc": correct / max(count, 1.0)}
+        with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp_dtype is not None):
+            loss, accuracy = self.strategy.evaluate(net, batches.epoch(0), len(self.data.classes))
+        return {"test_loss": loss, "test_acc": accuracy}
 
     def result(self) -> RunResult:
-        """What the trainer returns from ``fit``."""
         seconds = max(self.train_seconds, 1e-9)
         return RunResult(
-            self.run_dir, list(self.history), self.best_acc, self.best_epoch, self.train_examples / seconds,
+            self.dir.path, list(self.history), self.best_acc, self.best_epoch, self.train_examples / seconds,
             str(self.device), self.should_stop,
         )  # fmt: skip
 
     # -- for the driver and the handlers ---------------------------------------------------------
     @property
+    def run_dir(self) -> Path:
+        """The run directory's path (``run.dir`` has its files)."""
+        return self.dir.path
+
+    @property
     def channels_last(self) -> bool:
         """channels_last memory format: the config's choice, else on for CUDA."""
         chosen = self.config.channels_last
         return chosen if chosen is not None else self.device.type == "cuda"
-
-    @property
-    def distributed_environment(self) -> dict[str, Any]:
-        """What config.json records of the processes: world size, backend, torchrun's run id."""
-        from cnnkit.training.distributed import elastic_run_id
-
-        return {"world_size": self.world_size, "backend": self.backend, "torchelastic_run_id": elastic_run_id()}
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -300,6 +262,7 @@ class Run:
         """Call every handler of ``event`` with this run."""
         self.events.emit(event, self)
 
-    def state(self) -> TrainerState:
-        """The resume point as of now (bookkeeping only; tensors are read when saving)."""
-        return TrainerState(self.epoch, self.step, self.best_acc, self.best_epoch, list(self.history))
+    def resume_point(self) -> ResumePoint:
+        """The resume point as of now: the state, the model's, optimiser's and trainer's tensors, the RNG."""
+        own = getattr(self.trainer, "state_dict", None)
+        return self.state.resume_point(self.model, self.optimizer, own() if callable(own) else None)

@@ -26,10 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from cnnkit.config import TrainConfig
-from cnnkit.errors import DivergedError
-from cnnkit.protocols import DatasetSplits
-from cnnkit.training.context import Run, RunResult
-from cnnkit.training.optim import build_optimizer, lr_schedule
+from cnnkit.protocols import DatasetSplits, RunResult, TrainingRun
+from cnnkit.training.context import diverged
 
 __all__ = ["StandardOptions", "StandardTrainer"]
 
@@ -51,18 +49,17 @@ class StandardTrainer:
     summary = "SGD/AdamW loop with AMP, per-step schedules, label smoothing and per-epoch evaluation"
     options = StandardOptions
 
-    def fit(self, model: nn.Module, data: DatasetSplits, config: TrainConfig, run: Run) -> RunResult:
+    def fit(self, model: nn.Module, data: DatasetSplits, config: TrainConfig, run: TrainingRun) -> RunResult:
         """Train for ``config.epochs`` (from the resume point), evaluating on the test split each epoch."""
         options = cast(StandardOptions, run.options)
         device = run.device
-        optimizer = build_optimizer(model, config)
+        optimizer = run.build_optimizer(model)
         run.start(optimizer)
         # torch.compile returns a callable wrapper; it is used like the module it wraps.
         net = cast(nn.Module, torch.compile(model)) if config.compile else model
         train, test = run.loader("train"), run.loader("test")
         steps_per_epoch = len(train)
-        lr_at = lr_schedule(config, steps_per_epoch)
-        global_sizes = _batch_sizes(train.num_examples, config.batch_size)
+        lr_at = run.lr_schedule(steps_per_epoch)
         scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype is torch.float16)
         autocast = torch.autocast(device.type, dtype=run.amp_dtype or torch.bfloat16, enabled=run.amp_dtype is not None)
         for epoch in run.epochs():
@@ -82,8 +79,8 @@ class StandardTrainer:
                 with autocast:
                     logits = net(images)
                     loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-                # This rank's share of the global batch (1 except in a partial last batch).
-                share = labels.shape[0] * run.world_size / global_sizes[steps]
+                # This process's weight in the global batch (1 except in an uneven last batch).
+                share = train.part_weight(steps, labels.shape[0])
                 # Backward and step (the scaler is a pass-through unless fp16).
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss if share == 1 else loss * share).backward()
@@ -96,8 +93,7 @@ class StandardTrainer:
                 sizes.append(float(labels.shape[0]))
                 if time.perf_counter() >= next_report:  # throttled: the one mid-epoch sync
                     _check_finite(run, step_losses[:steps], lr_at)
-                    # Progress counts the whole job's examples (every rank takes an equal part).
-                    run.iteration_completed(seen * run.world_size, float(step_losses[:steps].mean()))
+                    run.iteration_completed(seen, float(step_losses[:steps].mean()))
                     next_report = time.perf_counter() + options.report_every
             # End of the epoch: one sync for the training sums, then evaluate on the test split.
             _check_finite(run, step_losses[:steps], lr_at)
@@ -116,18 +112,10 @@ class StandardTrainer:
         return run.result()
 
 
-def _batch_sizes(total: int, batch: int) -> list[float]:
-    full, rest = divmod(total, batch)
-    return [float(batch)] * full + ([float(rest)] if rest else [])
-
-
-def _check_finite(run: Run, losses: torch.Tensor, lr_at: Callable[[int], float]) -> None:
+def _check_finite(run: TrainingRun, losses: torch.Tensor, lr_at: Callable[[int], float]) -> None:
     """DivergedError naming the first non-finite step of this epoch, if there was one."""
     bad = (~torch.isfinite(losses)).nonzero()
     if bad.numel():
         step = int(bad[0, 0]) + 1
         lr = lr_at(run.step - losses.shape[0] + step - 1)
-        raise DivergedError(
-            f"loss became {float(losses[step - 1])} at epoch {run.epoch}, step {step} "
-            f"(lr {lr:.4g}); lower --lr or use --recipe default; best weights are kept"
-        )
+        raise diverged(float(losses[step - 1]), run.epoch, lr, step)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from cnnkit.checkpoint import save_weights
 from cnnkit.training.events import Events, Handler
-from cnnkit.training.handlers._signals import sigint_deferred
+from cnnkit.training.process import sigint_deferred
 from cnnkit.training.state import save_state
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from cnnkit.fs import atomic_write
 from cnnkit.training.events import Events, Handler
-from cnnkit.training.handlers._signals import sigint_deferred
+from cnnkit.training.process import sigint_deferred
 
 if TYPE_CHECKING:
     from cnnkit.training.context import Run
