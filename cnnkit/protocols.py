@@ -254,6 +254,9 @@ class TrainingRun(Protocol):
     resumed: bool
     """True when this run continues a saved one (``--resume``, or torchrun restarting the job):
     the weights, RNG and (at :meth:`start`) optimiser and trainer state are already restored."""
+    rank: int
+    """This process's index in a job of several processes (torchrun, ``--nproc``); 0 when alone.
+    Only rank 0 writes files and prints; every rank must take every step."""
     first_epoch: int
     """The first epoch :meth:`epochs` yields: 1 for a fresh run, the saved epoch + 1 when resumed."""
     epoch: int

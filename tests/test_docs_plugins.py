@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 import cnnkit.protocols as protocols
 from cnnkit.cli.app import app
@@ -19,9 +20,7 @@ from cnnkit.testing import check_dataset_spec, check_model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = (ROOT / "docs" / "plugins.md").read_text(encoding="utf-8")
-PROTOCOLS = ("ModelSpec", "DatasetSpec", "Trainer")
-RUN_MEMBERS = ("start", "epochs", "loader", "step", "lr", "iteration_completed", "evaluate", "epoch_completed",
-               "result", "config", "device", "amp_dtype", "channels_last", "options", "run_dir")  # fmt: skip
+PROTOCOLS = ("ModelSpec", "DatasetSpec", "Trainer", "TrainingRun", "Batches")
 
 
 def documented(name: str) -> bool:
@@ -69,20 +68,27 @@ def test_every_field_of_the_data_types_is_documented(model: str) -> None:
     if model == "Recipe":
         fields = list(protocols.Recipe.model_fields)
     elif model == "RunResult":
-        from cnnkit.training.context import RunResult
-
-        fields = list(RunResult.__dataclass_fields__)
+        fields = list(protocols.RunResult.__dataclass_fields__)
     else:
         fields = list(getattr(protocols, model).__dataclass_fields__)
     assert [f for f in fields if not documented(f)] == []
 
 
-def test_what_a_trainer_uses_of_run_is_documented() -> None:
+def test_the_driver_s_run_is_the_trainer_facing_run_and_documented_as_run_members() -> None:
     from cnnkit.training.context import Run
 
-    for name in RUN_MEMBERS:
+    members = protocol_members("TrainingRun")
+    assert {"resumed", "first_epoch", "build_optimizer", "lr_schedule", "start", "epochs"} <= set(members)
+    for name in members:
         assert hasattr(Run, name) or name in Run.__dataclass_fields__, name
         assert documented(f"run.{name}"), name
+
+
+def test_the_plugin_contract_imports_nothing_of_cnnkit() -> None:
+    tree = ast.parse(Path(protocols.__file__).read_text(encoding="utf-8"))
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert [name for name in imported if name.startswith("cnnkit")] == []
 
 
 def code_block(marker: str) -> str:
@@ -133,3 +139,48 @@ def test_the_worked_examples_install_and_train_end_to_end(runner, docs_plugin: P
     assert (out / "best.safetensors").is_file() and len((out / "metrics.csv").read_text().splitlines()) == 3
     refused = runner.invoke(app, ["train", "mynet", "--dataset", "stripes", "--data", "x", "--trainer", "plain"])
     assert refused.exit_code == 2 and "drop --data" in refused.output
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_worked_trainer_s_own_state_survives_an_interruption_and_resume(docs_plugin: Path) -> None:
+    """The docs' trainer keeps an EMA of the weights in its own state_dict: a run interrupted after
+    epoch 2 and resumed ends with exactly the EMA (and weights) of the run that was never stopped."""
+    from safetensors.torch import load_file
+
+    from cnnkit.config import resolve_config
+    from cnnkit.errors import InterruptedRun
+    from cnnkit.training.events import Events
+    from cnnkit.training.run import resume, train
+    from cnnkit.training.state import load_state
+
+    def config(out: Path):  # type: ignore[no-untyped-def]
+        return resolve_config(overrides={
+            "model": "mynet", "dataset": "stripes", "dataset_options": {"size": 96}, "trainer": "plain",
+            "epochs": 3, "batch_size": 16, "input_size": 16, "device": "cpu", "out": str(out), "quiet": True,
+            "deterministic": True,
+        })  # fmt: skip
+
+    whole = docs_plugin / "whole"
+    train(config(whole))
+
+    def ctrl_c_in_epoch_3(run) -> None:  # type: ignore[no-untyped-def]
+        if run.epoch == 3:
+            raise KeyboardInterrupt
+
+    cut = docs_plugin / "cut"
+    with pytest.raises(InterruptedRun):
+        train(config(cut), handlers=[(Events.EPOCH_STARTED, ctrl_c_in_epoch_3)])
+    saved = load_state(cut / "state.safetensors")
+    assert saved.epoch == 2 and set(saved.trainer) == {"average"} and saved.trainer["average"]
+
+    seen: list[tuple[bool, int]] = []
+    resume(cut, handlers=[(Events.STARTED, lambda run: seen.append((run.resumed, run.first_epoch)))])
+    assert seen == [(True, 3)]
+    want, got = load_state(whole / "state.safetensors"), load_state(cut / "state.safetensors")
+    assert got.epoch == want.epoch == 3
+    for name, tensor in want.trainer["average"].items():
+        assert torch.equal(got.trainer["average"][name], tensor), name
+    # The average moved in epoch 3, so the equality above is not of two unchanged tensors.
+    assert not torch.equal(saved.trainer["average"][name], tensor)
+    weights_want, weights_got = load_file(str(whole / "last.safetensors")), load_file(str(cut / "last.safetensors"))
+    assert all(torch.equal(weights_got[k], v) for k, v in weights_want.items())

@@ -61,6 +61,8 @@ class _InState:
         self.name = name
 
     def __get__(self, run: Any, owner: type | None = None) -> Any:
+        if run is None:  # looked up on the class
+            return self
         return getattr(run.state, self.name)
 
     def __set__(self, run: Any, value: Any) -> None:
@@ -115,6 +117,10 @@ class Run:
     @property
     def resumed(self) -> bool:
         return self.resume_from is not None
+
+    @property
+    def rank(self) -> int:
+        return self.strategy.rank
 
     @property
     def first_epoch(self) -> int:
