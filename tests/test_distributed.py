@@ -68,7 +68,7 @@ PLUGIN = """
 
 
     class FlakyOptions(StandardOptions):
-        fail_epoch: int = Field(1, description="Epoch in which rank 1 fails.")
+        fail_epoch: int = Field(1, description="Epoch in which rank 1 fails (after its first step).")
         first_attempt_only: bool = Field(False, description="Fail only before torchrun's first restart.")
 
 
@@ -85,7 +85,11 @@ PLUGIN = """
                 ):
                     raise DataError("cannot read its shard (injected failure)")
 
-            run.events.on(Events.EPOCH_STARTED, fail)
+            # After rank 1's first step of the epoch, not at its start: that step's gradient
+            # average waits for rank 0, so rank 0 has written the previous epoch's files and lines.
+            # Failing at the epoch's start raced with them: torchrun stops rank 0 as soon as
+            # rank 1 exits, and could cut it between the resume point and its log and stdout line.
+            run.events.on(Events.ITERATION_COMPLETED, fail)
             return super().fit(model, data, config, run)
 """
 
