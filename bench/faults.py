@@ -404,7 +404,7 @@ def full_disk_cache(ws: Workspace) -> Trial:
     warnings = [line for line in result.stderr.splitlines() if line.startswith("cnnkit: warning: could not cache")]
     if len(warnings) != 1 or "File too large" not in warnings[0]:
         problems.append(f"expected one cache warning: {result.stderr.strip()!r}")
-    entries = list((cache / "datasets").glob("*")) if (cache / "datasets").exists() else []
+    entries = list((cache / "decoded").glob("*")) if (cache / "decoded").exists() else []
     problems += [f"left in the cache: {[p.name for p in entries]}"] if entries else []
     return Trial(not problems, "; ".join(problems) or warnings[0])
 
@@ -516,7 +516,7 @@ def two_loads_one_cache(ws: Workspace) -> Trial:
         f"exit {p.returncode}: {err[-300:]}" for p, (_, err) in zip(processes, outputs, strict=True) if p.returncode
     ]
     digests = {out.strip() for out, _ in outputs}
-    entries = sorted((cache / "datasets").glob("*")) if (cache / "datasets").exists() else []
+    entries = sorted((cache / "decoded").glob("*")) if (cache / "decoded").exists() else []
     if len(digests) != 1:
         problems.append(f"the two loads differ: {digests}")
     if len(entries) != 1:

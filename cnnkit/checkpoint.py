@@ -72,6 +72,9 @@ class WeightsMeta(BaseModel):
     model_distribution: str | None = None
     """The distribution that registers ``model`` (``cnnkit`` or a plugin such as ``cnnkit-efficientnet``)."""
     model_distribution_version: str | None = None
+    dataset_distribution: str | None = None
+    """The distribution that registers ``dataset`` (so eval can name what to install)."""
+    dataset_distribution_version: str | None = None
     mean: list[float] | None = None
     """Per-channel mean on the 0..1 scale; None: inputs are only scaled to 0..1 (the d2l recipe)."""
     std: list[float] | None = None
@@ -84,12 +87,13 @@ class WeightsMeta(BaseModel):
     cnnkit_version: str = __version__
 
 
-def provider_of(model: str) -> tuple[str | None, str | None]:
-    """(distribution, version) that registers ``model`` here, read from metadata (nothing imported)."""
-    from cnnkit.registry import MODELS
+def provider_of(model: str, kind: str = "model") -> tuple[str | None, str | None]:
+    """(distribution, version) that registers the ``kind`` (model or dataset) of that name here,
+    read from metadata (nothing imported)."""
+    from cnnkit.registry import DATASETS, MODELS
 
     try:
-        entry = MODELS.entry(model)
+        entry = (MODELS if kind == "model" else DATASETS).entry(model)
     except CnnkitError:
         return None, None
     return entry.distribution, entry.version or None

@@ -256,6 +256,13 @@ def evaluate_weights(
             f"weights {file} do not record the dataset they were trained on; pass --dataset "
             f"(registered: {', '.join(DATASETS.names())})"
         )
+    if name == meta.dataset and name not in DATASETS.names() and meta.dataset_distribution not in (None, "cnnkit"):
+        version = meta.dataset_distribution_version
+        raise UsageError(
+            f"weights {file} were trained on dataset '{name}' of {meta.dataset_distribution}"
+            f"{' ' + version if version else ''}, which is not installed here; install it (pip install "
+            f"'{meta.dataset_distribution}{'==' + version if version else ''}'), or pass --dataset"
+        )
     # The recorded options only describe the recorded dataset; another one starts from defaults.
     options = dict(meta.dataset_options) if name == meta.dataset else {}
     options.update(dataset_options or {})

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cnnkit.errors import CnnkitError, UsageError
+from cnnkit.errors import CnnkitError, PluginLoadError, UsageError
 from cnnkit.registry import BUILTIN_DISTRIBUTION, DATASETS, MODELS, TRAINERS, Entry, Registry, normalise_distribution
 
 __all__ = [
@@ -208,6 +208,19 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _loaded(registry: Any, name: str) -> Any:
+    """The entry, or, when it does not fit its protocol, the object itself: the contract check then
+    says what exactly is wrong (the protocol test only says that something is)."""
+    try:
+        return registry.get(name)
+    except PluginLoadError as exc:
+        try:
+            obj = registry.unchecked(name)
+        except Exception:
+            raise exc from None
+        return obj
+
+
 _CHECKS: dict[str, Callable[[Any], str]] = {"models": _check_model, "datasets": _check_dataset, "trainers": _check_trainer}
 
 
@@ -232,7 +245,7 @@ def check_distribution(
         started = time.perf_counter()
         try:
             with _one_thread():
-                detail, passed = _CHECKS[group](registry.get(asked)), True
+                detail, passed = _CHECKS[group](_loaded(registry, asked)), True
         except AssertionError as exc:
             detail, passed = (str(exc).splitlines() or ["check failed"])[0], False
         except Exception as exc:  # a plugin's code can raise anything; report it, check the rest

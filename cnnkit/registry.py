@@ -177,7 +177,18 @@ class Registry(Generic[T]):
             self._loaded[key] = self._import(entry)
         return self._instance(entry, self._loaded[key])
 
+    def unchecked(self, name: str) -> Any:
+        """The object ``name``'s module defines (an instance for a class entry), without the protocol
+        check: for contract checks that say why an entry does not fit."""
+        obj = self._import_raw(self.entry(name))
+        return obj() if isinstance(obj, type) else obj
+
     def _import(self, entry: Entry) -> Any:
+        obj = self._import_raw(entry)
+        self._instance(entry, obj)  # fail here, at import, if it does not fit the protocol
+        return obj
+
+    def _import_raw(self, entry: Entry) -> Any:
         module_name, _, attr = entry.target.partition(":")
         try:
             ep = entrypoints.EntryPoint(entry.name, module_name, attr or None)
@@ -187,7 +198,6 @@ class Registry(Generic[T]):
                 f"{self.kind} '{entry.name}' from '{entry.distribution}' failed to load "
                 f"({type(exc).__name__}: {exc}); reinstall or remove that distribution"
             ) from exc
-        self._instance(entry, obj)  # fail here, at import, if it does not fit the protocol
         return obj
 
     def _instance(self, entry: Entry, obj: Any) -> T:
@@ -200,9 +210,11 @@ class Registry(Generic[T]):
                     f"({type(exc).__name__}: {exc}); its class must take no arguments"
                 ) from exc
         if not isinstance(obj, self.protocol):
+            missing = [name for name in _protocol_members(self.protocol) if not hasattr(obj, name)]
             raise PluginLoadError(
                 f"{self.kind} '{entry.name}' from '{entry.distribution}' ({entry.target}) is not a "
-                f"{self.protocol.__name__}; see docs/plugins.md"
+                f"{self.protocol.__name__} (it has no {', '.join(missing) or 'matching members'}); "
+                "see docs/plugins.md"
             )
         return cast(T, obj)
 
@@ -222,6 +234,16 @@ class Registry(Generic[T]):
         self._shadowed = {}
         self._disabled = {}
         self._loaded.clear()
+
+
+def _protocol_members(protocol: type) -> list[str]:
+    """The members a runtime-checkable protocol's isinstance looks for."""
+    members = getattr(protocol, "__protocol_attrs__", None)
+    if members is None:  # before Python 3.12
+        import typing
+
+        members = typing._get_protocol_attrs(protocol)  # type: ignore[attr-defined]
+    return sorted(members)
 
 
 MODELS: Registry[ModelSpec] = Registry("cnnkit.models", "model", ModelSpec)

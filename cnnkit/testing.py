@@ -275,7 +275,8 @@ def check_dataset_attributes(spec: DatasetSpec) -> None:
 def check_trainer(trainer: Trainer) -> None:
     """Check that ``trainer`` (an instance) honours cnnkit's ``Trainer`` protocol without training:
     ``name`` and ``summary`` non-empty str; ``options`` a pydantic model that forbids unknown keys,
-    documents each field and has all defaults; a callable ``fit(model, data, config, run)``.
+    documents each field and has all defaults; a callable ``fit(model, data, config, run)``; the
+    optional ``state_dict``/``load_state_dict`` both or neither.
     ``AssertionError`` says what is wrong."""
     if isinstance(trainer, type):
         _fail(f"trainer {trainer.__name__}: pass an instance (cnnkit creates one with no arguments)")
@@ -296,6 +297,10 @@ def check_trainer(trainer: Trainer) -> None:
             signature.bind(None, None, None, None)
         except TypeError:
             _fail(f"{owner}: fit({', '.join(signature.parameters)}) must take (model, data, config, run)")
+    own = [name for name in ("state_dict", "load_state_dict") if callable(getattr(trainer, name, None))]
+    if len(own) == 1:
+        other = ({"state_dict", "load_state_dict"} - set(own)).pop()
+        _fail(f"{owner}: has {own[0]}() but no {other}(); a trainer's own state needs both (see docs/plugins.md)")
     if not isinstance(trainer, Trainer):
         _fail(f"{owner}: does not satisfy cnnkit.protocols.Trainer")
 

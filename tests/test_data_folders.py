@@ -226,7 +226,7 @@ def decode_counter(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def _cache_files() -> list[Path]:
-    return sorted((Path(os.environ["CNNKIT_CACHE"]) / "datasets").glob("*.safetensors"))
+    return sorted((Path(os.environ["CNNKIT_CACHE"]) / "decoded").glob("*.safetensors"))
 
 
 def test_second_load_comes_from_the_cache(tmp_path: Path, decode_counter: list[int]) -> None:
@@ -289,3 +289,15 @@ def test_read_only_data_folder_is_untouched(tmp_path: Path) -> None:
     finally:
         folder.chmod(0o755)
     assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == before
+
+
+def test_the_default_cache_is_outside_the_default_data_search_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cnnkit.data.locate import cache_home, data_home, decoded_cache
+
+    for name in ("CNNKIT_CACHE", "CNNKIT_DATA", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_home() == tmp_path / ".cache" / "cnnkit" / "cache"
+    assert not decoded_cache().is_relative_to(data_home()) and not data_home().is_relative_to(cache_home())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_home() == tmp_path / "xdg" / "cnnkit" / "cache"

@@ -184,3 +184,29 @@ def test_the_worked_trainer_s_own_state_survives_an_interruption_and_resume(docs
     assert not torch.equal(saved.trainer["average"][name], tensor)
     weights_want, weights_got = load_file(str(whole / "last.safetensors")), load_file(str(cut / "last.safetensors"))
     assert all(torch.equal(weights_got[k], v) for k, v in weights_want.items())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_eval_of_weights_whose_plugin_is_gone_names_the_distribution(runner, docs_plugin: Path) -> None:  # type: ignore[no-untyped-def]
+    runs = {}
+    for model, size in (("mynet", "16"), ("lenet", "28")):
+        runs[model] = out = docs_plugin / model
+        result = runner.invoke(app, [
+            "train", model, "--dataset", "stripes", "-d", "size=64", "--epochs", "1", "--batch-size", "16",
+            "--input-size", size, "--device", "cpu", "--out", str(out), "-q",
+        ])  # fmt: skip
+        assert result.exit_code == 0, result.output
+    sys.path.remove(str(docs_plugin / "site"))  # the plugin uninstalled
+    for module in [m for m in sys.modules if m.startswith("cnnkit_myplugin")]:
+        del sys.modules[module]
+    for registry in (MODELS, DATASETS, TRAINERS):
+        registry.refresh()
+    gone_model = runner.invoke(app, ["eval", str(runs["mynet"]), "--device", "cpu"])
+    assert gone_model.exit_code == 4, gone_model.output
+    assert "model 'mynet' of cnnkit-myplugin 0.1, which is not installed here" in gone_model.output
+    gone_dataset = runner.invoke(app, ["eval", str(runs["lenet"]), "--device", "cpu"])
+    assert gone_dataset.exit_code == 2, gone_dataset.output
+    assert (
+        "trained on dataset 'stripes' of cnnkit-myplugin 0.1, which is not installed here; install it "
+        "(pip install 'cnnkit-myplugin==0.1'), or pass --dataset"
+    ) in " ".join(gone_dataset.output.split())

@@ -180,7 +180,7 @@ def test_full_disk_for_the_cache_only_warns(runner: Any, tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("cnnkit: warning:")]
     assert len(warnings) == 1 and "could not cache" in warnings[0] and "File too large" in warnings[0]
-    cache = Path(os.environ["CNNKIT_CACHE"]) / "datasets"
+    cache = Path(os.environ["CNNKIT_CACHE"]) / "decoded"
     assert list(cache.iterdir()) == []  # no entry, no temp file
 
 

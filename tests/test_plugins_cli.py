@@ -103,6 +103,16 @@ DATASET_AND_TRAINERS = """
     class LooseTrainer(GoodTrainer):
         name = "looseloop"
         options = _Loose
+
+    class NoFitTrainer:
+        name = "nofit"
+        summary = "a trainer that forgot fit"
+        options = _Opts
+
+    class HalfStateTrainer(GoodTrainer):
+        name = "halfstate"
+        def state_dict(self):
+            return {}
 """
 
 
@@ -232,6 +242,23 @@ def test_check_fails_a_wrong_spec_and_checks_the_rest(runner: Any, site: Path) -
     assert result.stderr.strip().splitlines() == [
         "cnnkit: error: 2 of 5 entries of 'mixed-plugin' failed their contract checks: wrongnet, looseloop"
     ]
+
+
+def test_check_prints_why_an_entry_does_not_fit_its_protocol(runner: Any, site: Path) -> None:
+    install(
+        site, "odd-trainers",
+        {"cnnkit.trainers": {"nofit": f"{PREFIX}more:NoFitTrainer", "halfstate": f"{PREFIX}more:HalfStateTrainer"}},
+        {f"{PREFIX}more": DATASET_AND_TRAINERS},
+    )  # fmt: skip
+    rescan()
+    result = runner.invoke(app, ["plugins", "check", "odd-trainers"])
+    assert result.exit_code == 1, result.output
+    lines = {line.split("  (")[0]: line for line in result.stdout.splitlines()}
+    assert "has no fit(model, data, config, run) method" in lines["FAIL  trainer nofit"]
+    assert "is not a Trainer" not in lines["FAIL  trainer nofit"]
+    assert "has state_dict() but no load_state_dict()" in lines["FAIL  trainer halfstate"]
+    listed = runner.invoke(app, ["plugins"])
+    assert "is not a Trainer (it has no fit)" in listed.output
 
 
 def test_check_unknown_distribution_names_those_that_exist(runner: Any, site: Path) -> None:

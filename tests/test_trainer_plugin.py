@@ -131,6 +131,26 @@ def test_plugin_trainer_trains_gets_a_run_directory_and_resumes(runner, plugin_r
     assert state.epoch == 4 and state.step == 4 * 6 and state.optimizer["state"]  # 192 / 32 steps an epoch
 
 
+def test_resuming_a_run_whose_trainer_is_not_installed_names_the_distribution(  # type: ignore[no-untyped-def]
+    runner, plugin_root: Path, idx_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, args(idx_data, out, "--epochs", "2", "-q"))
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "config.json").read_text())
+    assert record["environment"]["providers"]["trainer"] == {"name": "plain", "distribution": "cnnkit-plain",
+                                                               "version": "1.0"}  # fmt: skip
+    monkeypatch.syspath_prepend(str(tmp_path / "elsewhere"))  # the plugin uninstalled:
+    sys.path.remove(str(plugin_root))
+    TRAINERS.refresh()
+    resumed = runner.invoke(app, ["train", "--resume", str(out), "--epochs", "3"])
+    assert resumed.exit_code == 2, resumed.output
+    assert resumed.output.strip().splitlines()[-1] == (
+        f"cnnkit: error: {out} was trained with trainer 'plain' of cnnkit-plain 1.0, which is not installed here; "
+        "install it (pip install 'cnnkit-plain==1.0') and resume again"
+    )
+
+
 def test_trainer_options_are_validated_by_the_trainer(runner, plugin_root: Path, idx_data: Path,  # type: ignore[no-untyped-def]
                                                       tmp_path: Path) -> None:  # fmt: skip
     result = runner.invoke(app, args(idx_data, tmp_path / "run", "-t", "pase=1"))

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from cnnkit.data.locate import cache_home
+from cnnkit.data.locate import decoded_cache
 from cnnkit.errors import DataError
 from cnnkit.protocols import DatasetSplits, ImageTensors
 
@@ -54,7 +54,7 @@ def cached_splits(key: str, dataset: str, source: Path, build: Callable[[], Data
     """The cached splits for ``key``, or ``build()`` them and cache the result atomically."""
     from cnnkit.fs import atomic_write
 
-    path = cache_home() / "datasets" / f"{dataset}-{key}.safetensors"
+    path = decoded_cache() / f"{dataset}-{key}.safetensors"
     if path.is_file():
         try:
             return _read(path, dataset, source)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cnnkit.errors import DataError
 
-__all__ = ["data_home", "cache_home", "find_folder"]
+__all__ = ["data_home", "cache_home", "decoded_cache", "find_folder"]
 
 
 def data_home() -> Path:
@@ -18,9 +18,18 @@ def data_home() -> Path:
 
 
 def cache_home() -> Path:
-    """``$CNNKIT_CACHE``, else ``~/.cache/cnnkit``: decoded tensors go here, never into data folders."""
+    """``$CNNKIT_CACHE``, else ``$XDG_CACHE_HOME/cnnkit/cache`` (``~/.cache/cnnkit/cache``): decoded
+    tensors go here, never into a data folder nor into the default data search path beside it."""
     env = os.environ.get("CNNKIT_CACHE", "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "cnnkit"
+    if env:
+        return Path(env).expanduser()
+    user_cache = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(user_cache).expanduser() if user_cache else Path.home() / ".cache") / "cnnkit" / "cache"
+
+
+def decoded_cache() -> Path:
+    """Where decoded datasets are cached: ``cache_home() / "decoded"``."""
+    return cache_home() / "decoded"
 
 
 def find_folder(

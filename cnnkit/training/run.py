@@ -104,12 +104,14 @@ def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
 
 def _weights_meta(config: TrainConfig, data: DatasetSplits) -> WeightsMeta:
     distribution, version = provider_of(config.model)
+    dataset_distribution, dataset_version = provider_of(config.dataset, "dataset")
     return WeightsMeta(
         model=config.model, model_options=dict(config.model_options), in_channels=data.channels,
         num_classes=len(data.classes), input_size=config.input_size, classes=list(data.classes),
         dataset=config.dataset, dataset_options=dict(config.dataset_options), data=str(data.source.resolve()),
         mean=list(data.mean) if config.normalize else None, std=list(data.std) if config.normalize else None,
         model_distribution=distribution, model_distribution_version=version,
+        dataset_distribution=dataset_distribution, dataset_distribution_version=dataset_version,
     )  # fmt: skip
 
 
