@@ -213,8 +213,11 @@ class RunResult:
 class Batches(Protocol):
     """What ``run.loader(split)`` returns: batches prepared on the run's device."""
 
-    num_examples: int
-    """Examples one epoch yields over all processes (the split, less a dropped last batch)."""
+    @property
+    def num_examples(self) -> int:
+        """Examples one epoch yields over all processes (the split, less a dropped last batch)."""
+        ...
+
 
     def __len__(self) -> int:
         """Batches per epoch (optimisation steps per epoch for the training split)."""
@@ -251,16 +254,28 @@ class TrainingRun(Protocol):
     (``--amp``, default on CUDA), ``None`` when it is off: run the forward pass under
     ``torch.autocast(device.type, dtype=amp_dtype)`` only when it is not None, and use a GradScaler
     only for float16."""
-    resumed: bool
-    """True when this run continues a saved one (``--resume``, or torchrun restarting the job):
+    @property
+    def resumed(self) -> bool:
+        """True when this run continues a saved one (``--resume``, or torchrun restarting the job):
     the weights, RNG and (at :meth:`start`) optimiser and trainer state are already restored."""
-    rank: int
-    """This process's index in a job of several processes (torchrun, ``--nproc``); 0 when alone.
+        ...
+
+    @property
+    def rank(self) -> int:
+        """This process's index in a job of several processes (torchrun, ``--nproc``); 0 when alone.
     Only rank 0 writes files and prints; every rank must take every step."""
-    first_epoch: int
-    """The first epoch :meth:`epochs` yields: 1 for a fresh run, the saved epoch + 1 when resumed."""
-    epoch: int
-    """The epoch being trained, 1-based (0 before the first); after it completes, epochs done."""
+        ...
+
+    @property
+    def first_epoch(self) -> int:
+        """The first epoch :meth:`epochs` yields: 1 for a fresh run, the saved epoch + 1 when resumed."""
+        ...
+
+    @property
+    def epoch(self) -> int:
+        """The epoch being trained, 1-based (0 before the first); after it completes, epochs done."""
+        ...
+
     step: int
     """Optimisation steps since the run began, across resumes (the schedule's clock). The trainer
     advances it by one per optimiser step; it is saved with every epoch."""

@@ -34,7 +34,7 @@ from torch import nn
 from cnnkit.checkpoint import WeightsMeta
 from cnnkit.config import TrainConfig
 from cnnkit.errors import DivergedError, UsageError
-from cnnkit.protocols import REQUIRED_METRICS, DatasetSplits, RunResult, Trainer
+from cnnkit.protocols import REQUIRED_METRICS, Batches, DatasetSplits, RunResult, Trainer
 from cnnkit.rundir import RunDir
 from cnnkit.training.events import EventBus, Events
 from cnnkit.training.state import ResumePoint, RunState
@@ -233,7 +233,7 @@ class Run:
             )  # fmt: skip
         return BatchLoader(self.data.test, batch_size=2 * config.batch_size, **common)
 
-    def evaluate(self, net: nn.Module, loader: BatchLoader | None = None) -> dict[str, float]:
+    def evaluate(self, net: nn.Module, loader: Batches | None = None) -> dict[str, float]:
         batches = loader if loader is not None else self.loader("test")
         dtype = self.amp_dtype or torch.bfloat16
         with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp_dtype is not None):
