@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer.main
 from typer.testing import CliRunner
 
 from cnnkit import __version__
 from cnnkit.cli.app import app
-from cnnkit.registry import MODELS
+from cnnkit.config import TrainConfig
+from cnnkit.registry import DATASETS, MODELS, TRAINERS
 from tests.test_registry import make_distribution
 
 
@@ -21,11 +25,44 @@ def test_version(runner: CliRunner) -> None:
     assert result.exit_code == 0 and result.output.strip() == f"cnnkit {__version__}"
 
 
-def test_help_lists_the_commands(runner: CliRunner) -> None:
-    result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0
-    for command in ("train", "eval", "summary", "export", "list", "data"):
-        assert command in result.output
+def _command_paths() -> list[tuple[str, ...]]:
+    """Every command of the app, groups included (``()`` is cnnkit itself), from Typer's own tree."""
+
+    def walk(command: Any, path: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+        yield path
+        for name, sub in sorted((getattr(command, "commands", None) or {}).items()):
+            yield from walk(sub, (*path, name))
+
+    return list(walk(typer.main.get_command(app), ()))
+
+
+COMMANDS = _command_paths()
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda path: " ".join(path) or "cnnkit")
+def test_every_command_answers_help(runner: CliRunner, path: tuple[str, ...]) -> None:
+    result = runner.invoke(app, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    assert result.stdout.startswith(" ".join(["Usage: cnnkit", *path]) + " ")
+
+
+def test_each_feature_has_its_command() -> None:
+    assert set(COMMANDS) >= {
+        ("train",), ("eval",), ("summary",), ("export",), ("predict",), ("list", "models"), ("list", "datasets"),
+        ("list", "trainers"), ("data", "fetch"), ("data", "info"), ("plugins",), ("plugins", "check"),
+    }  # fmt: skip
+
+
+def test_train_options_are_the_config_fields() -> None:
+    """Each TrainConfig field is a ``train`` option, and ``train`` has no option the config lacks
+    beyond the few that choose where the config comes from."""
+    train = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
+    given = {opt for param in train.params for opt in param.opts if opt.startswith("--")}
+    tables = {"model_options": "--model-option", "dataset_options": "--dataset-option",
+              "trainer_options": "--trainer-option"}  # fmt: skip
+    fields = {tables.get(name, "--" + name.replace("_", "-")) for name in TrainConfig.model_fields if name != "model"}
+    assert given == fields | {"--config", "--resume", "--split", "--channels"}
 
 
 def test_list_models_and_pattern(runner: CliRunner) -> None:
@@ -36,9 +73,13 @@ def test_list_models_and_pattern(runner: CliRunner) -> None:
     assert [row["name"] for row in json.loads(result.output)] == ["lenet", "lenet_bn"]
 
 
-def test_list_datasets_and_trainers(runner: CliRunner) -> None:
-    assert "fashion-mnist" in runner.invoke(app, ["list", "datasets"]).output
-    assert "standard" in runner.invoke(app, ["list", "trainers"]).output
+@pytest.mark.parametrize("kind", ["models", "datasets", "trainers"])
+def test_list_shows_exactly_what_is_registered(runner: CliRunner, kind: str) -> None:
+    registry = {"models": MODELS, "datasets": DATASETS, "trainers": TRAINERS}[kind]
+    result = runner.invoke(app, ["list", kind, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [row["name"] for row in json.loads(result.stdout)] == registry.names()
+    assert {"models": "lenet", "datasets": "fashion-mnist", "trainers": "standard"}[kind] in registry.names()
 
 
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
