@@ -22,10 +22,12 @@ from torch import nn
 from cnnkit.checkpoint import WeightsMeta, load_weights, resolve_weights
 from cnnkit.errors import DataError, UsageError, WeightsError
 from cnnkit.fs import atomic_write
-from cnnkit.prediction import Prediction, decode_images, prepare_batch, rank
+from cnnkit.prediction import Prediction, Predictor, decode_images, predict_all, prepare_batch
 from cnnkit.rundir import RunDir
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from cnnkit.protocols import DatasetSplits
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "load_images",
     "prepare_images",
     "predict_files",
+    "load_predictor",
 ]
 
 
@@ -366,12 +369,31 @@ def prepare_images(
     return torch.from_numpy(prepare_batch(arrays, size, mean, std)).to(device)
 
 
+def load_predictor(weights: str | Path, device: str | torch.device = "auto") -> Predictor:
+    """A weights file (or run directory) loaded once, ready for :func:`cnnkit.prediction.predict_batches`."""
+    from cnnkit.device import resolve_device
+
+    target = resolve_device(device) if isinstance(device, str) else device
+    model, meta = load_weights(weights, target)
+
+    def logits(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(batch).to(target)).float().cpu().numpy()
+
+    return Predictor(
+        source=resolve_weights(weights), classes=list(meta.classes), channels=meta.in_channels,
+        size=meta.input_size, mean=meta.mean, std=meta.std, logits=logits,
+    )  # fmt: skip
+
+
 def predict_files(
     weights: str | Path, images: Sequence[str | Path], top: int = 5, device: str | torch.device = "auto"
 ) -> list[Prediction]:
     """The ``top`` most probable classes of each image file under a weights file's model.
 
-    A ``.onnx`` file (from ``cnnkit export --format onnx``) is run with ONNX Runtime instead.
+    A ``.onnx`` file (from ``cnnkit export --format onnx``) is run with ONNX Runtime instead. Files
+    are decoded and run :data:`cnnkit.prediction.BATCH_SIZE` at a time; the first that cannot be
+    read is a DataError (exit 3) naming it (``cnnkit predict`` lists such files and goes on).
     """
     if top < 1:
         raise UsageError(f"--top must be >= 1, got {top}")
@@ -381,11 +403,4 @@ def predict_files(
         from cnnkit.onnx_runtime import predict_onnx
 
         return predict_onnx(weights, images, top=top, device=str(device))
-    from cnnkit.device import resolve_device
-
-    target = resolve_device(device) if isinstance(device, str) else device
-    model, meta = load_weights(weights, target)
-    batch = prepare_batch(decode_images(images, meta.in_channels), meta.input_size, meta.mean, meta.std)
-    with torch.inference_mode():
-        logits = model(torch.from_numpy(batch).to(target)).float().cpu().numpy()
-    return rank(images, logits, meta.classes, top)
+    return predict_all(load_predictor(weights, device), images, top)

@@ -16,6 +16,7 @@ million) is refused before it is decoded: a decompression bomb costs no memory.
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -28,7 +29,7 @@ from cnnkit.errors import DataError
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
-__all__ = ["IMAGE_SUFFIXES", "read_image", "to_pixels", "check_pixel_count", "header"]
+__all__ = ["IMAGE_SUFFIXES", "image_files", "read_image", "to_pixels", "check_pixel_count", "header"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 """File name endings read as images (any case); other files in a class folder are skipped."""
@@ -38,6 +39,38 @@ GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 _ORIENTATION = 0x0112
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
+
+
+def image_files(folder: Path, *, strict: bool = True) -> tuple[list[Path], list[Path]]:
+    """(image files, skipped visible non-image files) under ``folder``, following links, never twice.
+
+    What training folders and ``cnnkit predict FOLDER`` read: files named as images
+    (:data:`IMAGE_SUFFIXES`, any case), in sorted order; hidden files and folders (``.`` names)
+    are ignored; a linked folder is read once (a link loop ends there). A broken or looping link
+    named as an image is a DataError when ``strict``, else listed with the images (reading it then
+    fails, and ``predict`` reports it as unreadable).
+    """
+    images: list[Path] = []
+    skipped: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        identity = os.stat(top)
+        if (identity.st_dev, identity.st_ino) in seen:  # a link back to a folder already read
+            dirs[:] = []
+            continue
+        seen.add((identity.st_dev, identity.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            path = Path(top) / name
+            if name.startswith("."):
+                continue
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                if strict and not path.is_file():
+                    raise DataError(f"{path} is not a readable image (a broken or looping link); replace or remove it")
+                images.append(path)
+            elif path.is_file():
+                skipped.append(path)
+    return sorted(images), skipped
 
 
 def check_pixel_count(path: Path, image: PILImage.Image) -> None:

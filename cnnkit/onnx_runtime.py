@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from cnnkit.errors import UsageError, WeightsError
-from cnnkit.prediction import Prediction, decode_images, prepare_batch, rank
+from cnnkit.prediction import Prediction, Predictor, predict_all
 
 __all__ = [
     "INPUT_NAME",
@@ -158,11 +158,17 @@ class OnnxModel:
         (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
         return np.asarray(out)
 
-    def predict(self, images: Sequence[str | Path], top: int = 5) -> list[Prediction]:
-        """The ``top`` most probable classes of each image file."""
+    def predictor(self) -> Predictor:
+        """This graph as :func:`cnnkit.prediction.predict_batches` runs it."""
         info = self.info
-        batch = prepare_batch(decode_images(images, info.in_channels), info.input_size, info.mean, info.std)
-        return rank(images, self.logits(batch), info.classes, top)
+        return Predictor(
+            source=self.path, classes=info.classes, channels=info.in_channels, size=info.input_size,
+            mean=info.mean, std=info.std, logits=self.logits,
+        )  # fmt: skip
+
+    def predict(self, images: Sequence[str | Path], top: int = 5) -> list[Prediction]:
+        """The ``top`` most probable classes of each image file (batched; an unreadable file is a DataError)."""
+        return predict_all(self.predictor(), images, top)
 
 
 def load_onnx(path: str | Path, device: str = "auto") -> OnnxModel:

@@ -1,9 +1,11 @@
-"""The torch-free half of ``cnnkit predict``: decode image files, prepare them as the model was fed, rank classes.
+"""The torch-free half of ``cnnkit predict``: find and decode image files, prepare them as the model was fed, rank classes.
 
-Both ways of predicting use these functions: :func:`cnnkit.evaluate.predict_files` (PyTorch, a
-``.safetensors`` file) and :func:`cnnkit.onnx_export.predict_onnx` (ONNX Runtime, a ``.onnx``
-file), so an image becomes exactly the same input, and logits become the same ranking, whichever
-runtime computes the model. Only PIL and numpy are imported here.
+Both ways of predicting use these functions: :func:`cnnkit.evaluate.load_predictor` (PyTorch, a
+``.safetensors`` file or a run directory) and :meth:`cnnkit.onnx_runtime.OnnxModel.predictor`
+(ONNX Runtime, a ``.onnx`` file) each give a :class:`Predictor`, and :func:`predict_batches` runs
+either over any number of files in bounded memory, so an image becomes exactly the same input, and
+logits become the same ranking, whichever runtime computes the model. Only PIL and numpy are
+imported here.
 
 The preprocessing is the one the models were evaluated with (``cnnkit.evaluate.prepare_images``
 and ``cnnkit.data.batches.to_float``): scale uint8 to 0..1, resize to ``size`` x ``size`` with an
@@ -13,8 +15,10 @@ reproduces), then ``(x - mean) / std`` per channel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import glob
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,22 @@ import numpy as np
 
 from cnnkit.errors import DataError, UsageError, WeightsError
 
-__all__ = ["Prediction", "decode_images", "prepare_batch", "rank"]
+__all__ = [
+    "BATCH_SIZE",
+    "Prediction",
+    "Unreadable",
+    "Predictor",
+    "open_predictor",
+    "gather_images",
+    "predict_batches",
+    "predict_all",
+    "decode_images",
+    "prepare_batch",
+    "rank",
+]
+
+BATCH_SIZE = 64
+"""Images decoded and run through the model at a time by ``cnnkit predict`` (``--batch-size``)."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +57,120 @@ class Prediction:
         return {"image": str(self.image), "top": [{"class": c, "probability": p} for c, p in self.top]}
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """An image file that could not be decoded (not an image, truncated, empty, too large, gone)."""
+
+    image: Path
+    reason: str
+    """Why, in a few words without the file name, e.g. ``empty (0 bytes)``."""
+    error: DataError = field(repr=False, compare=False)
+    """The one-line error naming the file (what a single unreadable file exits 3 with)."""
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A model ready for image files, whichever runtime holds it: what its inputs are and its logits."""
+
+    source: Path
+    classes: list[str]
+    channels: int
+    size: int
+    mean: list[float] | None
+    std: list[float] | None
+    logits: Callable[[np.ndarray], np.ndarray]
+    """A prepared float32 (N, C, size, size) batch -> (N, K) logits as a numpy array."""
+
+
+def open_predictor(weights: str | Path, device: str = "auto") -> Predictor:
+    """The model in ``weights``: a ``.onnx`` file in ONNX Runtime (torch is not imported), anything
+    else (a ``.safetensors`` file, a run directory) in PyTorch."""
+    if Path(weights).suffix.lower() == ".onnx":
+        from cnnkit.onnx_runtime import load_onnx
+
+        return load_onnx(weights, device).predictor()
+    from cnnkit.evaluate import load_predictor
+
+    return load_predictor(weights, device)
+
+
+# -- which files ------------------------------------------------------------------------------------
+
+
+def gather_images(arguments: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
+    """(image files, skipped non-image files) named by ``cnnkit predict``'s arguments, in their order.
+
+    Each argument is a file (taken whatever its name), a folder (walked recursively for files
+    named as images, as training folders are: :func:`cnnkit.image_files.image_files`), or a glob
+    pattern (``glob.glob(recursive=True)``, so ``**`` crosses folders; matched folders are walked,
+    matched files are kept when named as images). A file named twice is kept once, where first
+    named. An argument that gives no image (no such path, a pattern matching nothing, a folder
+    without image files) is a UsageError (exit 2) naming it.
+    """
+    from cnnkit.image_files import IMAGE_SUFFIXES, image_files
+
+    if not arguments:
+        raise UsageError("no images given; pass image files, folders or glob patterns")
+    found: dict[str, Path] = {}
+    skipped: list[Path] = []
+    for argument in arguments:
+        text = os.fspath(argument)
+        literal = os.path.lexists(text)  # a file whose name has [ or * in it is still that file
+        if literal:
+            matches = [text]
+        elif glob.has_magic(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                raise UsageError(f"'{text}' matches no files; check the pattern")
+        else:
+            raise UsageError(f"{text}: no such file or folder; pass image files, folders or glob patterns")
+        named: list[Path] = []
+        for match in matches:
+            path = Path(match)
+            if path.is_dir():
+                images, others = image_files(path, strict=False)
+                named += images
+                skipped += others
+            elif literal or (path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")):
+                named.append(path)
+            else:
+                skipped.append(path)
+        if not named:
+            suffixes = "/".join(sorted(IMAGE_SUFFIXES))
+            what = f"folder {text} holds" if literal else f"'{text}' matches"
+            raise UsageError(f"{what} no image files (named {suffixes}); pass image files, folders or glob patterns")
+        for path in named:
+            found.setdefault(os.path.abspath(path), path)
+    return list(found.values()), skipped
+
+
+# -- decoding ---------------------------------------------------------------------------------------
+
+
+def _read_one(path: Path, channels: int) -> np.ndarray | Unreadable:
+    from cnnkit.image_files import read_image
+
+    try:
+        return read_image(path, channels)
+    except DataError as exc:
+        cause = exc.__cause__
+        if cause is None:  # already names the file and the fix (empty, too large)
+            reason = exc.message.removeprefix(f"{path} ").removeprefix("is ").partition("; ")[0]
+            return Unreadable(path, reason, exc)
+        if isinstance(cause, FileNotFoundError):
+            reason = "no such file"
+        else:
+            reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+        error = DataError(f"image {path} cannot be read ({reason}); pass PNG, JPEG or other files PIL opens")
+        error.__cause__, error.__suppress_context__ = cause, True
+        return Unreadable(path, reason, error)
+
+
+def _check_channels(channels: int) -> None:
+    if channels not in (1, 3):
+        raise WeightsError(f"image files can give 1 or 3 channels; these weights expect {channels}")
+
+
 def decode_images(paths: Sequence[str | Path], channels: int) -> list[np.ndarray]:
     """Decode image files into uint8 (C, H, W) arrays with 1 (grayscale) or 3 (RGB) channels.
 
@@ -45,21 +178,64 @@ def decode_images(paths: Sequence[str | Path], channels: int) -> list[np.ndarray
     rotation, 16-bit, palettes, the decompression-bomb limit); a file that cannot be read is a
     one-line DataError naming it.
     """
-    from cnnkit.image_files import read_image
-
-    if channels not in (1, 3):
-        raise WeightsError(f"image files can give 1 or 3 channels; these weights expect {channels}")
+    _check_channels(channels)
     decoded = []
     for path in map(Path, paths):
-        try:
-            decoded.append(read_image(path, channels))
-        except DataError as exc:
-            cause = exc.__cause__
-            if cause is None:  # already names the file and the fix (empty, too large)
-                raise
-            reason = "no such file" if isinstance(cause, FileNotFoundError) else (str(cause).splitlines() or ["?"])[0]
-            raise DataError(f"image {path} cannot be read ({reason}); pass PNG, JPEG or other files PIL opens") from cause
+        image = _read_one(path, channels)
+        if isinstance(image, Unreadable):
+            raise image.error
+        decoded.append(image)
     return decoded
+
+
+def predict_batches(
+    predictor: Predictor, images: Sequence[str | Path], top: int = 5, batch_size: int = BATCH_SIZE
+) -> Iterator[list[Prediction | Unreadable]]:
+    """Predict ``batch_size`` files at a time: for each batch, its files' results in their order.
+
+    Only one batch is decoded at a time, so memory stays bounded however many files there are. A
+    file that cannot be decoded is an :class:`Unreadable` in its place; the others still run.
+    """
+    if top < 1:
+        raise UsageError(f"--top must be >= 1, got {top}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    _check_channels(predictor.channels)
+    paths = [Path(p) for p in images]
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        results: list[Prediction | Unreadable | None] = [None] * len(chunk)
+        readable: list[int] = []
+        decoded: list[np.ndarray] = []
+        for index, path in enumerate(chunk):
+            image = _read_one(path, predictor.channels)
+            if isinstance(image, Unreadable):
+                results[index] = image
+            else:
+                readable.append(index)
+                decoded.append(image)
+        if decoded:
+            batch = prepare_batch(decoded, predictor.size, predictor.mean, predictor.std)
+            del decoded
+            ranked = rank([chunk[i] for i in readable], predictor.logits(batch), predictor.classes, top)
+            for index, prediction in zip(readable, ranked, strict=True):
+                results[index] = prediction
+        yield [r for r in results if r is not None]
+
+
+def predict_all(
+    predictor: Predictor, images: Sequence[str | Path], top: int = 5, batch_size: int = BATCH_SIZE
+) -> list[Prediction]:
+    """Every file's prediction, batched; the first file that cannot be read is its DataError (exit 3)."""
+    if not images:
+        raise UsageError("no images given; pass one or more image files")
+    out: list[Prediction] = []
+    for results in predict_batches(predictor, images, top, batch_size):
+        for result in results:
+            if isinstance(result, Unreadable):
+                raise result.error
+            out.append(result)
+    return out
 
 
 def _resize_plane(plane: np.ndarray, size: int) -> np.ndarray:

@@ -158,22 +158,42 @@ def test_predict_table_output(tmp_path: Path, runner: Any) -> None:
     assert all(line.rstrip().endswith("%") for line in lines[1:])
 
 
-@pytest.mark.parametrize("kind", ["not an image", "missing", "truncated"])
-def test_predict_unreadable_image_exits_3_naming_it(tmp_path: Path, runner: Any, kind: str) -> None:
+@pytest.mark.parametrize("kind", ["not an image", "empty", "truncated"])
+def test_predict_unreadable_image_is_skipped_and_alone_exits_3(tmp_path: Path, runner: Any, kind: str) -> None:
     make_run(tmp_path / "run")
     good = write_png(tmp_path / "good.png", torch.zeros(28, 28, dtype=torch.uint8))
     bad = tmp_path / "bad.png"
     if kind == "not an image":
         bad.write_text("hello")
-    elif kind == "truncated":
+    elif kind == "empty":
+        bad.write_bytes(b"")
+    else:
         write_png(bad, torch.randint(0, 256, (64, 64), dtype=torch.uint8))
         bad.write_bytes(bad.read_bytes()[:200])
 
     result = runner.invoke(app, ["predict", str(tmp_path / "run"), str(good), str(bad)])
 
+    assert result.exit_code == 0, result.output  # listed, not fatal (tests/test_predict_folders.py has more)
+    assert result.stdout.splitlines()[0] == str(good) and str(bad) not in result.stdout
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"cnnkit: warning: skipped {bad}: ")
+
+    result = runner.invoke(app, ["predict", str(tmp_path / "run"), str(bad)])
+
     assert result.exit_code == 3, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"cnnkit: error: image {bad} cannot be read")
+    expected = f"cnnkit: error: {bad} is empty" if kind == "empty" else f"cnnkit: error: image {bad} cannot be read"
+    assert len(lines) == 1 and lines[0].startswith(expected)
+
+
+def test_predict_missing_file_exits_2_naming_it(tmp_path: Path, runner: Any) -> None:
+    make_run(tmp_path / "run")
+    good = write_png(tmp_path / "good.png", torch.zeros(28, 28, dtype=torch.uint8))
+    result = runner.invoke(app, ["predict", str(tmp_path / "run"), str(good), str(tmp_path / "gone.png")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        f"cnnkit: error: {tmp_path / 'gone.png'}: no such file or folder; pass image files, folders or glob patterns"
+    )
 
 
 def test_predict_with_bad_weights_exits_4(tmp_path: Path, runner: Any) -> None:
