@@ -4,12 +4,11 @@
 the model's device (a confusion matrix built with ``bincount``) and synchronises once at the end,
 so it never stalls a GPU with per-batch ``.item()`` calls. :func:`evaluate_weights` is the whole
 of ``cnnkit eval``: weights file in, dataset from its metadata, result out; :func:`predict_files`
-is the whole of ``cnnkit predict``.
+is the whole of ``cnnkit predict``. The files ``cnnkit eval`` writes come from :mod:`cnnkit.reports`.
 """
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,17 +20,18 @@ from torch import nn
 
 from cnnkit.checkpoint import WeightsMeta, load_weights, resolve_weights
 from cnnkit.errors import DataError, UsageError, WeightsError
-from cnnkit.fs import atomic_write
 from cnnkit.prediction import Prediction, Predictor, decode_images, predict_all, prepare_batch
+from cnnkit.reports import ExampleScores, plot_confusion, write_confusion_csv
 from cnnkit.rundir import RunDir
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from cnnkit.protocols import DatasetSplits
+    from cnnkit.protocols import DatasetSplits, ImageTensors
 
 __all__ = [
     "EvalResult",
+    "ExampleScores",
     "evaluate",
     "WeightsEvaluation",
     "evaluate_weights",
@@ -61,6 +61,8 @@ class EvalResult:
     precision: list[float]
     recall: list[float]
     f1: list[float]
+    per_example: ExampleScores | None = None
+    """Every example's prediction, probabilities and loss; only with ``keep_examples=True``."""
 
     @property
     def examples(self) -> int:
@@ -107,12 +109,17 @@ def _per_class(confusion: torch.Tensor) -> tuple[list[float], list[float], list[
 
 
 def evaluate(
-    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    keep_examples: bool = False,
 ) -> EvalResult:
     """Run ``model`` over every ``(images, labels)`` batch of ``loader`` without gradients.
 
     Images must already be on the model's device and prepared as for training (resized,
     normalised). The model is put in eval mode and returned to its previous mode afterwards.
+    ``keep_examples`` also returns every example's scores (:attr:`EvalResult.per_example`),
+    gathered on the device and moved to the CPU once at the end; training leaves it off.
     """
     if num_classes < 1:
         raise UsageError(f"num_classes must be >= 1, got {num_classes}")
@@ -120,6 +127,7 @@ def evaluate(
     model.eval()
     k = num_classes
     sums: dict[str, torch.Tensor] = {}
+    kept: list[torch.Tensor] = []  # per batch: (B, 5) rows of label, predicted, p, p(true), loss
     try:
         with torch.inference_mode():
             for images, labels in loader:
@@ -142,10 +150,18 @@ def evaluate(
                 valid = (labels >= 0) & (labels < k)
                 sums["bad_labels"] += (~valid).sum()
                 safe = labels.clamp(0, k - 1)
-                sums["loss"] += F.cross_entropy(logits, safe, reduction="sum").to(sums["loss"].dtype)
+                predicted = logits.argmax(dim=1)
+                if keep_examples:
+                    log_p = logits.log_softmax(dim=1)
+                    losses = -log_p.gather(1, safe[:, None])[:, 0]
+                    sums["loss"] += losses.sum().to(sums["loss"].dtype)
+                    chosen = log_p.gather(1, predicted[:, None])[:, 0].exp()
+                    kept.append(torch.stack([safe.float(), predicted.float(), chosen, (-losses).exp(), losses], 1))
+                else:
+                    sums["loss"] += F.cross_entropy(logits, safe, reduction="sum").to(sums["loss"].dtype)
                 # A bincount of true*K+predicted, done with index_add_: CUDA's bincount reads the
                 # input's max back to the host to size its output, a sync on every batch.
-                sums["confusion"].index_add_(0, safe * k + logits.argmax(dim=1), valid.long())
+                sums["confusion"].index_add_(0, safe * k + predicted, valid.long())
                 if k > 5:
                     sums["top5"] += (logits.topk(5, dim=1).indices == labels[:, None]).any(dim=1).sum()
     finally:
@@ -162,6 +178,11 @@ def evaluate(
     if total == 0:
         raise DataError("nothing to evaluate: the split has no examples")
     precision, recall, f1 = _per_class(matrix)
+    per_example = None
+    if keep_examples:
+        rows = torch.cat(kept).cpu()  # the one move to the host
+        label, chosen_class, p, p_true, loss = rows.unbind(1)
+        per_example = ExampleScores(label.long(), chosen_class.long(), p, p_true, loss)
     return EvalResult(
         loss=float(sums["loss"]) / total,
         top1=int(matrix.diagonal().sum()) / total,
@@ -170,6 +191,7 @@ def evaluate(
         precision=precision,
         recall=recall,
         f1=f1,
+        per_example=per_example,
     )
 
 
@@ -199,6 +221,10 @@ class WeightsEvaluation:
     split: str
     classes: list[str]
     result: EvalResult
+    data: ImageTensors | None = None
+    """The evaluated split (its uint8 images, for the gallery of the worst predictions)."""
+    files: list[str] | None = None
+    """The split's file names, in example order, for folder datasets."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary, including what the run recorded at training time."""
@@ -296,50 +322,10 @@ def evaluate_weights(
         std=meta.std,
         device=target,
     )
-    result = evaluate(model, loader, meta.num_classes)
-    return WeightsEvaluation(file, meta, splits.name, split, list(meta.classes), result)
-
-
-def write_confusion_csv(path: str | Path, confusion: torch.Tensor, classes: Sequence[str]) -> None:
-    """The confusion matrix as CSV: a header of predicted class names, one row per true class."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            out = csv.writer(handle)
-            out.writerow(["true \\ predicted", *classes])
-            for name, row in zip(classes, confusion.tolist(), strict=True):
-                out.writerow([name, *row])
-
-    atomic_write(path, write)
-
-
-def plot_confusion(path: str | Path, confusion: torch.Tensor, classes: Sequence[str], title: str = "") -> None:
-    """A PNG heat map of the confusion matrix, coloured by row share (recall), counts written in."""
-    # The object-oriented API with the Agg canvas: no pyplot, so no global backend is touched.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    counts = confusion.double()
-    share = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
-    k = len(classes)
-    side = max(4.0, 0.45 * k + 2)
-    fig = Figure(figsize=(side + 1, side), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, label="share of the true class")
-    ax.set_xticks(range(k), classes, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(k), classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if title:
-        ax.set_title(title)
-    if k <= 30:
-        for (i, j), n in zip(((i, j) for i in range(k) for j in range(k)), confusion.flatten().tolist()):
-            if n:
-                ax.text(j, i, str(n), ha="center", va="center", fontsize=7,
-                        color="white" if share[i, j] > 0.5 else "black")  # fmt: skip
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    result = evaluate(model, loader, meta.num_classes, keep_examples=True)
+    return WeightsEvaluation(
+        file, meta, splits.name, split, list(meta.classes), result, getattr(splits, split), splits.split_files.get(split)
+    )
 
 
 def load_images(paths: Sequence[str | Path], channels: int) -> list[torch.Tensor]:

@@ -1,4 +1,5 @@
-"""``cnnkit eval WEIGHTS``: loss, accuracy, per-class scores and the confusion matrix of a weights file."""
+"""``cnnkit eval WEIGHTS``: loss, accuracy, per-class scores, the confusion matrix and every prediction
+of a weights file."""
 
 from __future__ import annotations
 
@@ -45,16 +46,31 @@ def eval_command(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Examples per batch.")] = 256,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     fmt: FormatOption = Format.table,
-    plot: Annotated[bool, typer.Option("--plot", help="Also write the confusion matrix as a PNG heat map.")] = False,
+    plot: Annotated[
+        bool,
+        typer.Option(
+            "--plot",
+            help="Also write the confusion matrix as a PNG heat map and the highest-loss predictions as a "
+            "gallery (worst_<split>.png).",
+        ),
+    ] = False,
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", help="Folder for confusion_<split>.csv/.png (default: the run directory or the file's folder)."
+            "--out",
+            help="Folder for confusion_<split>.csv/.png, predictions_<split>.csv and worst_<split>.png "
+            "(default: the run directory or the file's folder).",
         ),
     ] = None,
 ) -> None:
-    """Evaluate trained weights; the model and dataset come from the file's metadata."""
-    from cnnkit.evaluate import evaluate_weights, plot_confusion, write_confusion_csv
+    """Evaluate trained weights; the model and dataset come from the file's metadata.
+
+    Writes the confusion matrix (confusion_<split>.csv) and one row per example
+    (predictions_<split>.csv: file or index, true and predicted class, the predicted and the true
+    class's probability, loss).
+    """
+    from cnnkit.evaluate import evaluate_weights
+    from cnnkit.reports import plot_confusion, plot_worst, write_confusion_csv, write_predictions_csv
 
     evaluation = evaluate_weights(
         weights,
@@ -70,15 +86,25 @@ def eval_command(
         out.mkdir(parents=True, exist_ok=True)  # --out names a folder for the reports: made on demand
     csv_path = folder / f"confusion_{split.value}.csv"
     write_confusion_csv(csv_path, evaluation.result.confusion, evaluation.classes)
-    written = [csv_path]
+    scores = evaluation.result.per_example
+    assert scores is not None  # evaluate_weights keeps every example
+    predictions_path = folder / f"predictions_{split.value}.csv"
+    files = evaluation.files if evaluation.files is not None and len(evaluation.files) == len(scores) else None
+    write_predictions_csv(predictions_path, scores, evaluation.classes, files)
+    written = [csv_path, predictions_path]
     if plot:
         png_path = folder / f"confusion_{split.value}.png"
         title = f"{evaluation.meta.model} on {evaluation.dataset} ({split.value})"
         plot_confusion(png_path, evaluation.result.confusion, evaluation.classes, title=title)
         written.append(png_path)
+        if evaluation.data is not None:
+            worst_path = folder / f"worst_{split.value}.png"
+            plot_worst(worst_path, evaluation.data.images, scores, evaluation.classes, title=title)
+            written.append(worst_path)
 
     if fmt is Format.json:
-        typer.echo(json.dumps({**evaluation.to_dict(), "files": [str(p) for p in written]}, indent=2))
+        report = {**evaluation.to_dict(), "files": [str(p) for p in written], "predictions": str(predictions_path)}
+        typer.echo(json.dumps(report, indent=2))
         return
     _print_table(evaluation, written)
 
