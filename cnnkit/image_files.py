@@ -12,15 +12,22 @@ image becomes, whatever its format (PNG, JPEG, BMP, TIFF, WebP, GIF's first fram
 
 An image with more pixels than PIL's safety limit (``PIL.Image.MAX_IMAGE_PIXELS``, about 89
 million) is refused before it is decoded: a decompression bomb costs no memory.
+
+:func:`read_image_square` reads the same way (one shared opening and conversion) and resizes on
+the way to a square (crop, squash or pad); a JPEG is decoded at a reduced DCT scale when the
+result is much smaller (PIL's ``draft``), which makes large photos cheap.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -29,7 +36,18 @@ from cnnkit.errors import DataError
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
-__all__ = ["IMAGE_SUFFIXES", "image_files", "read_image", "to_pixels", "check_pixel_count", "header"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "RESIZE_MODES",
+    "ResizeMode",
+    "image_files",
+    "read_image",
+    "read_image_square",
+    "square_image",
+    "to_pixels",
+    "check_pixel_count",
+    "header",
+]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 """File name endings read as images (any case); other files in a class folder are skipped."""
@@ -109,6 +127,16 @@ def header(path: Path) -> tuple[bool, tuple[int, int]]:
 
 def to_pixels(image: PILImage.Image, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
     """An opened image -> uint8 (channels, H, W): upright, 8-bit, resized to ``size`` (H, W) if given."""
+    from PIL import Image
+
+    converted = _upright(image, channels)
+    if size is not None and converted.size != (size[1], size[0]):
+        converted = converted.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return _planes(converted)
+
+
+def _upright(image: PILImage.Image, channels: int) -> PILImage.Image:
+    """An opened image -> a PIL image in mode L (``channels`` 1) or RGB: EXIF-upright, 8-bit."""
     from PIL import Image, ImageOps
 
     upright = ImageOps.exif_transpose(image)
@@ -117,15 +145,20 @@ def to_pixels(image: PILImage.Image, channels: int, size: tuple[int, int] | None
         upright = Image.fromarray(((wide + 128) // 257).astype(np.uint8), mode="L")
     elif upright.mode == "P" and "transparency" in upright.info:
         upright = upright.convert("RGBA")
-    converted = upright.convert("L" if channels == 1 else "RGB")
-    if size is not None and converted.size != (size[1], size[0]):
-        converted = converted.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    array = np.asarray(converted, dtype=np.uint8)
+    return upright.convert("L" if channels == 1 else "RGB")
+
+
+def _planes(image: PILImage.Image) -> np.ndarray:
+    """A mode L or RGB image -> uint8 (channels, H, W)."""
+    array = np.asarray(image, dtype=np.uint8)
     return np.ascontiguousarray(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
 
 
-def read_image(path: Path, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
-    """uint8 (channels, H, W) from an image file; DataError (exit 3) naming the file otherwise."""
+@contextmanager
+def _opened(path: Path) -> Iterator[PILImage.Image]:
+    """The file opened (header read, pixels not yet decoded) and screened: an empty file, a
+    decompression bomb or anything PIL fails on, here or in the ``with`` body, is a DataError
+    (exit 3) naming the file. The one way every reader here opens an image."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -133,9 +166,87 @@ def read_image(path: Path, channels: int, size: tuple[int, int] | None = None) -
             raise DataError(f"{path} is empty (0 bytes); replace or remove it")
         with _open(path) as opened:
             check_pixel_count(path, opened)
-            return to_pixels(opened, channels, size)
+            yield opened
     except Image.DecompressionBombError as exc:
         raise DataError(f"{path} is larger than PIL's safety limit ({exc}); shrink it or remove it") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise DataError(f"{path} is not a readable image ({reason}); replace or remove it") from exc
+
+
+def read_image(path: Path, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """uint8 (channels, H, W) from an image file; DataError (exit 3) naming the file otherwise."""
+    with _opened(path) as opened:
+        return to_pixels(opened, channels, size)
+
+
+ResizeMode = Literal["crop", "squash", "pad"]
+"""How an image becomes ``size`` x ``size``: ``crop`` scales its shorter side to ``size`` and cuts the
+centre square (torchvision's ``Resize(size)`` + ``CenterCrop(size)``); ``squash`` scales each side to
+``size`` (the aspect ratio is lost); ``pad`` scales its longer side to ``size`` and centres it on a
+black square."""
+
+RESIZE_MODES: tuple[str, ...] = ("crop", "squash", "pad")
+
+
+def read_image_square(path: Path, channels: int, size: int, resize: ResizeMode) -> np.ndarray:
+    """uint8 (channels, size, size) from an image file, read as :func:`read_image` reads it (same
+    opening, EXIF rotation, 16-bit scaling, palettes, bomb limit and errors) and resized on the way.
+
+    A JPEG is decoded at the smallest of its DCT scales (1/2, 1/4, 1/8) that still covers the
+    result (PIL's ``draft``), so a 3000x2000 photo read at 28 px costs a 375x250 decode, not a
+    6-megapixel one.
+    """
+    return _planes(square_image(path, channels, size, resize))
+
+
+def square_image(path: Path, channels: int, size: int, resize: ResizeMode) -> PILImage.Image:
+    """:func:`read_image_square` as a decoded PIL image (mode L or RGB), before it becomes an array."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    with _opened(path) as opened:
+        if opened.format == "JPEG":
+            # The scale is the same whichever way the image turns (EXIF), so the stored sides do.
+            opened.draft(None, _needed(opened.size, size, resize))
+        return _fit(_upright(opened, channels), size, resize)
+
+
+def _needed(width_height: tuple[int, int], size: int, resize: ResizeMode) -> tuple[int, int]:
+    """(width, height) an image must keep for ``_fit`` to resample down, never up, from it."""
+    width, height = width_height
+    if resize == "squash":
+        return size, size
+    scale = size / (min(width, height) if resize == "crop" else max(width, height))
+    return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+
+
+def _fit(image: PILImage.Image, size: int, resize: ResizeMode) -> PILImage.Image:
+    """A mode L/RGB image -> ``size`` x ``size`` by ``resize`` (bilinear, antialiased when shrinking)."""
+    from PIL import Image
+
+    bilinear = Image.Resampling.BILINEAR
+    width, height = image.size
+    if resize == "squash":
+        return image if image.size == (size, size) else image.resize((size, size), bilinear)
+    if resize == "crop":
+        # torchvision's Resize(size): the shorter side becomes size, the longer int(size * long / short);
+        # CenterCrop(size) then starts at round((side - size) / 2). The same window of the source is
+        # resampled in one step (resize with box), without making the larger image first.
+        if width <= height:
+            new_w, new_h = size, int(size * height / width)
+        else:
+            new_w, new_h = int(size * width / height), size
+        left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+        sx, sy = width / new_w, height / new_h
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        if image.size == (size, size):
+            return image
+        return image.resize((size, size), bilinear, box=box)
+    scale = size / max(width, height)
+    inner = (max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale))))
+    scaled = image if inner == image.size else image.resize(inner, bilinear)
+    if scaled.size == (size, size):
+        return scaled
+    canvas = Image.new(image.mode, (size, size), 0)
+    canvas.paste(scaled, ((size - inner[0]) // 2, (size - inner[1]) // 2))
+    return canvas

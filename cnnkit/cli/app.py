@@ -14,6 +14,7 @@ import typer
 
 from cnnkit import __version__
 from cnnkit.cli import _common
+from cnnkit.cli import cache as cache_cmd
 from cnnkit.cli import data as data_cmd
 from cnnkit.cli import eval as eval_cmd
 from cnnkit.cli import export as export_cmd
@@ -42,6 +43,7 @@ app.add_typer(predict_cmd.app)
 app.add_typer(list_cmd.app, name="list")
 app.add_typer(data_cmd.app, name="data", help="Fetch datasets and show where their files are.")
 app.add_typer(plugins_cmd.app, name="plugins")
+app.add_typer(cache_cmd.app, name="cache")
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,357 @@
+"""The decoded-image store: build rate, memory while building and reading, and the seed's pipeline.
+
+Cases (each in a fresh temp folder, deleted afterwards; no image is ever committed):
+
+1. ``--images N`` JPEGs of 256x256 (default 200,000) in 10 class folders, made from a few hundred
+   random base images re-encoded with small changes (in parallel). The store is built at 224 px
+   (``crop``): images/s, and peak anonymous memory (RssAnon of this process plus all its
+   descendants, i.e. the pool workers, summed at each sample of a 20 ms sampling thread). Then one
+   epoch through ``cnnkit.data.batches.BatchLoader`` (shuffled, batch 256), cut at ``--read-seconds``
+   when longer (the output says how much was read): examples/s and the same peak.
+2. 60 photos of 3000x2000 (``--photos``) built at 28 px: seconds and peak anonymous memory.
+3. First epoch at 96 px and at 224 px on the first ``--compare`` images: cnnkit (build the store
+   from a cold cache + one BatchLoader epoch) against the seed's per-sample pipeline
+   (``torchvision.datasets.ImageFolder`` + ``Resize`` + ``CenterCrop`` + ``ToTensor`` through a
+   ``DataLoader`` with 2 workers, decoding every sample), and cnnkit's later epochs (store reused).
+
+Both pipelines consume each batch (a sum), so no work can be skipped. The machine's load average is
+printed: other processes sharing the cores change every figure. torch is imported inside functions
+only, so that nothing heavy runs when a worker process imports this file.
+
+    .venv/bin/python bench/image_store.py [--images 200000] [--compare 10000] [--out bench/results/image_store.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+BASES = 300
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def _anon_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _descendants(root: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class PeakAnon:
+    """Peak RssAnon (MB) of this process and of it plus its descendants, sampled every 20 ms; and
+    the CPU seconds all of them used meanwhile (a figure the machine's load does not change much)."""
+
+    def __init__(self) -> None:
+        self.own = self.total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._cpu_start: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
+
+    def _run(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            pids = [me, *_descendants(me)]
+            own = _anon_kb(me)
+            total = own + sum(_anon_kb(pid) for pid in pids[1:])
+            self.own, self.total = max(self.own, own), max(self.total, total)
+            for pid in pids:
+                used = _cpu_seconds(pid)
+                self._cpu_start.setdefault(pid, used if pid in (me, *self._old) else 0.0)
+                self._cpu_last[pid] = max(self._cpu_last.get(pid, 0.0), used)
+            self._stop.wait(0.02)
+
+    @property
+    def cpu(self) -> float:
+        """CPU seconds used by this process and its descendants while sampled."""
+        return sum(self._cpu_last[p] - self._cpu_start[p] for p in self._cpu_last)
+
+    def __enter__(self) -> PeakAnon:
+        me = os.getpid()
+        self._old = set(_descendants(me))  # e.g. a forkserver left from before: count only its growth
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __str__(self) -> str:
+        return f"peak RssAnon {self.total / 1024:,.0f} MB (this process {self.own / 1024:,.0f} MB)"
+
+
+# -------------------------------------------------------------------------------------- generation
+
+
+def _base(seed: int, side: int) -> Any:
+    """A photo-like base image: smooth colour fields plus fine noise (JPEGs of realistic size)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (8 + seed % 9, 8 + seed % 7, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((side, side), Image.Resampling.BICUBIC), dtype=np.int16)
+    noise = rng.integers(-12, 13, (side, side, 3), dtype=np.int16)
+    return np.clip(smooth + noise, 0, 255).astype(np.uint8)
+
+
+def _write_jpegs(job: tuple[int, int, int, str]) -> None:
+    """Images ``start..stop`` of the folder: base ``i % BASES``, rolled and brightened a little."""
+    import numpy as np
+    from PIL import Image
+
+    start, stop, side, root = job
+    bases: dict[int, Any] = {}
+    for i in range(start, stop):
+        key = i % BASES
+        if key not in bases:
+            bases[key] = _base(key, side)
+        shift = (i // BASES) % 17
+        array = np.roll(bases[key], (shift, 2 * shift), axis=(0, 1))
+        array = np.clip(array.astype(np.int16) + (i % 11) - 5, 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, "JPEG", quality=90)
+        path = Path(root) / f"class{i % 10}" / f"{i:07d}.jpg"
+        path.write_bytes(buffer.getvalue())
+
+
+def make_folder(root: Path, count: int, side: int) -> list[Path]:
+    """``count`` JPEGs in ``root/class<k>/``; the files in class-then-name order (ImageFolder's)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    for k in range(10):
+        (root / f"class{k}").mkdir(parents=True)
+    step = 2000
+    jobs = [(s, min(s + step, count), side, str(root)) for s in range(0, count, step)]
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(_write_jpegs, jobs))
+    return sorted(root.glob("class*/*.jpg"))
+
+
+def _write_photo(job: tuple[int, str]) -> None:
+    import numpy as np
+    from PIL import Image
+
+    i, root = job
+    big = Image.fromarray(_base(i, 500)).resize((3000, 2000), Image.Resampling.BILINEAR)
+    noisy = np.asarray(big, dtype=np.int16) + np.random.default_rng(i).integers(-8, 9, (2000, 3000, 3), dtype=np.int16)
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(Path(root) / f"photo{i:02d}.jpg", quality=92)
+
+
+# ---------------------------------------------------------------------------------------- pipelines
+
+
+def consume(batches: Any, seconds: float | None = None) -> tuple[int, float]:
+    """Examples seen and seconds taken to sum batches (stopping after ``seconds`` when given)."""
+    import torch
+
+    seen, total = 0, torch.zeros(())
+    start = time.perf_counter()
+    for images, labels in batches:
+        total += images.float().sum()
+        seen += int(labels.shape[0])
+        if seconds is not None and time.perf_counter() - start > seconds:
+            break
+    float(total)
+    return seen, time.perf_counter() - start
+
+
+def labels_of(files: list[Path]) -> Any:
+    import torch
+
+    return torch.tensor([int(f.parent.name.removeprefix("class")) for f in files], dtype=torch.long)
+
+
+def cnnkit_epoch(
+    files: list[Path], size: int, seconds: float | None = None, after_build: Any = None
+) -> tuple[float, float, int, Any]:
+    """(seconds to build or open the store, seconds of one epoch, examples read, stored)."""
+    from cnnkit.data.batches import BatchLoader
+    from cnnkit.data.store import stored_images
+    from cnnkit.protocols import ImageTensors
+
+    start = time.perf_counter()
+    stored = stored_images(files, size=size, channels=3, resize="crop", dataset="bench", stats_count=len(files))
+    built = time.perf_counter() - start
+    if after_build is not None:
+        time.sleep(0.05)  # one more sample
+        after_build()
+    loader = BatchLoader(
+        ImageTensors(stored.images, labels_of(files)), batch_size=256, image_size=size, mean=stored.mean,
+        std=stored.std, shuffle=True, seed=0,
+    )  # fmt: skip
+    seen, epoch = consume(loader.epoch(0), seconds)
+    return built, epoch, seen, stored
+
+
+def seed_epoch(root: Path, files: list[Path], size: int) -> float:
+    """Seconds of one epoch of the seed's per-sample pipeline over ``files`` (2 DataLoader workers)."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor()])
+    dataset = datasets.ImageFolder(str(root), transform=transform)
+    wanted = {str(f) for f in files}
+    subset = Subset(dataset, [i for i, (p, _) in enumerate(dataset.samples) if p in wanted])
+    loader = DataLoader(subset, batch_size=256, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    consume(loader)
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=200_000, help="JPEGs in the big case (default 200,000)")
+    parser.add_argument("--side", type=int, default=256, help="their side in pixels")
+    parser.add_argument("--size", type=int, default=224, help="the store's size")
+    parser.add_argument("--photos", type=int, default=60, help="3000x2000 photos in the second case")
+    parser.add_argument("--compare", type=int, default=10_000, help="images in the seed comparison")
+    parser.add_argument("--read-seconds", type=float, default=120.0, help="cut the reading epoch after this")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "image_store.txt")
+    args = parser.parse_args()
+
+    import torch
+
+    from cnnkit.fs import write_text
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    lines = [
+        "# bench/image_store.py: decoded-image store (cnnkit.data.store)",
+        f"# machine: {os.cpu_count()} cores, load average at start {os.getloadavg()[0]:.2f}; torch {torch.__version__}",
+        f"# command: bench/image_store.py --images {args.images} --compare {args.compare} "
+        f"--photos {args.photos} --read-seconds {args.read_seconds:g}",
+    ]
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    for line in lines:
+        print(line)
+    work = Path(tempfile.mkdtemp(prefix="cnnkit-bench-store-"))
+    os.environ["CNNKIT_CACHE"] = str(work / "cache")
+    try:
+        start = time.perf_counter()
+        files = make_folder(work / "jpegs", args.images, args.side)
+        megabytes = sum(f.stat().st_size for f in files) / 2**20
+        say(f"generated {len(files):,} JPEGs of {args.side}x{args.side} ({megabytes:,.0f} MB) in "
+            f"{time.perf_counter() - start:.0f} s")  # fmt: skip
+
+        say(f"\n## 1. {len(files):,} JPEGs -> store at {args.size} px (crop)")
+        built_cpu: list[float] = []
+        with PeakAnon() as peak:
+            built, epoch, seen, stored = cnnkit_epoch(files, args.size, args.read_seconds, lambda: built_cpu.append(peak.cpu))
+        # the build and the epoch are sampled together; the epoch alone below
+        say(f"build: {built:.1f} s, {len(files) / built:,.0f} images/s; store {stored.images.nbytes / 2**30:.2f} GiB "
+            f"({'memory-mapped' if stored.path and not _in_memory(stored) else 'in memory'})")  # fmt: skip
+        cores = os.cpu_count() or 1
+        say(f"build + epoch: {peak.cpu:.0f} CPU s in all; build alone {built_cpu[0]:.0f} CPU s = "
+            f"{len(files) / built_cpu[0]:,.0f} images per CPU second, i.e. {cores * len(files) / built_cpu[0]:,.0f} "
+            f"images/s on {cores} idle cores")  # fmt: skip
+        say(f"build + epoch: {peak}")
+        del stored
+        with PeakAnon() as peak:
+            opened, epoch, seen, stored = cnnkit_epoch(files, args.size, args.read_seconds)
+        part = "the whole epoch" if seen == len(files) else f"{seen:,} of {len(files):,} examples (cut at {args.read_seconds:g} s)"
+        say(f"reading (store reused, opened in {opened:.2f} s), BatchLoader batch 256 shuffled, {part}: "
+            f"{seen / epoch:,.0f} examples/s; {peak}")  # fmt: skip
+        del stored
+
+        say(f"\n## 2. {args.photos} photos of 3000x2000 -> store at 28 px")
+        photos = work / "photos"
+        photos.mkdir()
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(os.cpu_count()) as pool:
+            list(pool.map(_write_photo, [(i, str(photos)) for i in range(args.photos)]))
+        photo_files = sorted(photos.glob("*.jpg"))
+        from cnnkit.data.store import stored_images
+
+        with PeakAnon() as peak:
+            start = time.perf_counter()
+            stored_images(photo_files, size=28, channels=3, resize="crop", dataset="photos", stats_count=len(photo_files))
+            seconds = time.perf_counter() - start
+        say(f"build: {seconds:.1f} s ({len(photo_files) / seconds:.0f} photos/s); {peak} (target: under 1 GB)")
+
+        subset = files[:: max(1, len(files) // args.compare)][: args.compare]
+        for size, target in ((96, 5), (224, 3)):
+            say(f"\n## 3. first epoch at {size} px, {len(subset):,} images: cnnkit vs the seed's per-sample pipeline")
+            shutil.rmtree(work / "cache", ignore_errors=True)  # a cold cache: the build counts
+            built, epoch, _, stored = cnnkit_epoch(subset, size)
+            del stored
+            cnnkit_first = built + epoch
+            _, later, _, stored = cnnkit_epoch(subset, size)
+            del stored
+            seed = seed_epoch(work / "jpegs", subset, size)
+            say(f"seed (ImageFolder + Resize + CenterCrop + ToTensor, DataLoader 2 workers): {seed:.1f} s "
+                f"({len(subset) / seed:,.0f} images/s)")  # fmt: skip
+            say(f"cnnkit first epoch: {cnnkit_first:.1f} s (build {built:.1f} s + epoch {epoch:.1f} s): "
+                f"{seed / cnnkit_first:.1f}x the seed (the issue asks >= {target}x)")  # fmt: skip
+            say(f"cnnkit later epochs (store reused): {later:.2f} s: {seed / later:.0f}x the seed")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    lines.append(f"# load average at the end {os.getloadavg()[0]:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(args.out, "\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+def _in_memory(stored: Any) -> bool:
+    """Whether the tensor's data lies outside every file mapping (/proc/self/maps)."""
+    address = stored.images.data_ptr()
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= address < high:
+                return len(fields) < 6 or not fields[5].strip().startswith("/")
+    return True
+
+
+if __name__ == "__main__":
+    main()
