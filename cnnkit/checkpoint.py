@@ -75,12 +75,15 @@ class WeightsMeta(BaseModel):
     dataset_distribution: str | None = None
     """The distribution that registers ``dataset`` (so eval can name what to install)."""
     dataset_distribution_version: str | None = None
+    validation: dict[str, Any] | None = None
+    """How the run's val split was made: ``{"from": "dataset"}``, or ``{"from": "train", "fraction",
+    "seed"}`` (carved from the loaded training split); None: the run had none."""
     mean: list[float] | None = None
     """Per-channel mean on the 0..1 scale; None: inputs are only scaled to 0..1 (the d2l recipe)."""
     std: list[float] | None = None
     epoch: int | None = None
     metrics: dict[str, float | None] = {}
-    """E.g. ``{"test_acc": 0.91}`` at that epoch."""
+    """E.g. ``{"val_acc": 0.91}`` at that epoch."""
     weights_dtype: str = "float32"
     """Floating dtype the tensors are stored in (``float16`` after ``cnnkit export --half``);
     loading always casts back to the model's float32."""

@@ -90,9 +90,22 @@ class TrainConfig(Hyperparameters):
         300.0, gt=0, description="Distributed runs: seconds a process waits for the others before the job fails."
     )
 
+    # -- model selection: on validation, never on test -----------------------------------------------
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1,
+        description="Share of each class of the training split held out (seeded) for validation when the dataset "
+        "has no val split of its own; 0: no validation, so no best checkpoint and no --patience.",
+    )  # fmt: skip
+    monitor: Literal["val_acc", "val_loss"] = Field(
+        "val_acc", description="What the best checkpoint and --patience follow (higher val_acc, lower val_loss)."
+    )
+    test_every_epoch: bool = Field(
+        False, description="Also evaluate on test after every epoch (test_* columns; never used to choose anything)."
+    )
+
     # -- the run directory and what hangs off the loop ------------------------------------------
     patience: int | None = Field(
-        None, gt=0, description="Stop after this many epochs without a better test accuracy (None: never)."
+        None, gt=0, description="Stop after this many epochs without a better validation metric (None: never)."
     )
     out: str | None = Field(None, description="Run directory (default: <runs_dir>/<model>-<dataset>/<N>).")
     runs_dir: str = Field("runs", description="Parent folder of numbered run directories.")
@@ -104,9 +117,12 @@ RECIPE_KEYS: tuple[str, ...] = HYPERPARAMETER_KEYS
 """The keys a recipe fills (everything a file or the command line may still override)."""
 
 RESUMABLE_KEYS: tuple[str, ...] = (
-    "epochs", "device", "quiet", "tensorboard", "patience", "compile", "nproc", "dist_timeout",
+    "epochs", "device", "quiet", "tensorboard", "patience", "compile", "nproc", "dist_timeout", "test_every_epoch",
+    "lr",
 )  # fmt: skip
-"""What ``--resume`` may change: nothing that would make the continued run differ from the saved one."""
+"""What ``--resume`` may change: nothing that would make the continued run differ from the saved one,
+but its length (``epochs``: the schedule is re-planned from where it is, never up) and a warm
+restart (``lr``: a short warm-up to it, then the annealing to the end)."""
 
 
 def recipe_values(model: str, recipe: str = "default") -> dict[str, Any]:

@@ -249,6 +249,37 @@ def recorded_data_folder(weights: Path, meta: WeightsMeta) -> Path | None:
     return RunDir(weights.parent).recorded_data_folder()
 
 
+def _load_for(file: Path, meta: WeightsMeta, name: str, data: Path | None, options: dict[str, Any]) -> DatasetSplits:
+    """The splits to evaluate ``file`` on: for weights in a run directory that recorded its split
+    files, exactly those files (a folder that changed since is said in one line); else the dataset."""
+    from cnnkit import data as datasets
+
+    run = RunDir(file.parent)
+    recorded = run.read_split_files() if name == meta.dataset and run.holds_run() else {}
+    if not recorded:
+        return datasets.load_dataset(name, data, input_size=meta.input_size, **options)
+    splits = datasets.load_recorded(name, data, recorded, meta.classes, input_size=meta.input_size, **options)
+    spec_describe = getattr(_dataset_spec(name), "describe", None)
+    if callable(spec_describe):
+        now = spec_describe(data, **options)
+        changed = [split for split, files in recorded.items() if now.get(split) != len(files)]
+        if changed:
+            from cnnkit._console import warn
+
+            warn(
+                f"{splits.source} changed since {run.path} was trained ({', '.join(changed)}: "
+                f"{', '.join(str(now.get(s)) for s in changed)} images now, "
+                f"{', '.join(str(len(recorded[s])) for s in changed)} recorded); evaluating the recorded files"
+            )
+    return splits
+
+
+def _dataset_spec(name: str) -> Any:
+    from cnnkit.registry import DATASETS
+
+    return DATASETS.get(name)
+
+
 def evaluate_weights(
     weights: str | Path,
     dataset: str | None = None,
@@ -267,12 +298,11 @@ def evaluate_weights(
     exists, else from the dataset's default search. Images are resized to the
     training input size and normalised exactly as in training.
     """
-    from cnnkit import data as datasets
     from cnnkit.device import resolve_device
     from cnnkit.registry import DATASETS
 
-    if split not in {"train", "test"}:
-        raise UsageError(f"--split '{split}' is not a split; use test or train")
+    if split not in {"train", "val", "test"}:
+        raise UsageError(f"--split '{split}' is not a split; use test, val or train")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     target = resolve_device(device) if isinstance(device, str) else device
@@ -296,16 +326,22 @@ def evaluate_weights(
     options = dict(meta.dataset_options) if name == meta.dataset else {}
     options.update(dataset_options or {})
     recorded = recorded_data_folder(file, meta) if name == meta.dataset else None
-    if data is None and recorded is not None and recorded.is_dir():
+    if data is None and recorded is not None and recorded.exists():
         data = recorded  # where it was trained from: a run directory alone is enough to evaluate it
     try:
-        splits = datasets.load_dataset(name, Path(data) if data is not None else None, **options)
+        splits = _load_for(file, meta, name, Path(data) if data is not None else None, options)
     except DataError as exc:
         if data is not None or recorded is None:
             raise
         raise DataError(
             f"{exc.message} (the weights were trained on {recorded}, which no longer exists)"
         ) from exc
+    validation = meta.validation if name == meta.dataset else None
+    if validation is not None and validation.get("from") == "train" and splits.val is None:
+        from cnnkit.data.validation import carve_validation
+
+        # The run held these out of train: val is them again, and train is what it trained on.
+        splits, _ = carve_validation(splits, float(validation["fraction"]), int(validation["seed"]))
     check_fit(file, meta, splits)
     if list(splits.classes) != list(meta.classes):
         from cnnkit._console import warn
@@ -314,8 +350,13 @@ def evaluate_weights(
 
     from cnnkit.data.batches import BatchLoader
 
+    chosen = getattr(splits, split)
+    if chosen is None:
+        raise UsageError(
+            f"--split {split}: {splits.name} as loaded for {file} has no {split} split; use test or train"
+        )
     loader = BatchLoader(
-        getattr(splits, split),
+        chosen,
         batch_size=batch_size,
         image_size=meta.input_size,
         mean=meta.mean,
@@ -324,7 +365,7 @@ def evaluate_weights(
     )
     result = evaluate(model, loader, meta.num_classes, keep_examples=True)
     return WeightsEvaluation(
-        file, meta, splits.name, split, list(meta.classes), result, getattr(splits, split), splits.split_files.get(split)
+        file, meta, splits.name, split, list(meta.classes), result, chosen, splits.split_files.get(split)
     )
 
 

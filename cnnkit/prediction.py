@@ -31,7 +31,6 @@ __all__ = [
     "Prediction",
     "Unreadable",
     "Predictor",
-    "open_predictor",
     "gather_images",
     "predict_batches",
     "predict_all",
@@ -80,18 +79,6 @@ class Predictor:
     std: list[float] | None
     logits: Callable[[np.ndarray], np.ndarray]
     """A prepared float32 (N, C, size, size) batch -> (N, K) logits as a numpy array."""
-
-
-def open_predictor(weights: str | Path, device: str = "auto") -> Predictor:
-    """The model in ``weights``: a ``.onnx`` file in ONNX Runtime (torch is not imported), anything
-    else (a ``.safetensors`` file, a run directory) in PyTorch."""
-    if Path(weights).suffix.lower() == ".onnx":
-        from cnnkit.onnx_runtime import load_onnx
-
-        return load_onnx(weights, device).predictor()
-    from cnnkit.evaluate import load_predictor
-
-    return load_predictor(weights, device)
 
 
 # -- which files ------------------------------------------------------------------------------------

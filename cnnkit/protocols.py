@@ -140,7 +140,8 @@ class ImageTensors:
 
 @dataclass
 class DatasetSplits:
-    """A loaded dataset: both splits, the class names and where the files were found."""
+    """A loaded dataset: its splits (train, test, and val when it has one), the class names and where
+    the files were found."""
 
     name: str
     train: ImageTensors
@@ -153,6 +154,9 @@ class DatasetSplits:
     """Per-channel standard deviation of the training images on the 0..1 scale."""
     split_files: dict[str, list[str]] = field(default_factory=dict)
     """For folder datasets: the files in each split, saved into the run directory."""
+    val: ImageTensors | None = None
+    """The validation split, when the dataset has one (image folders' val/ or their seeded carve-out);
+    None: the run carves its own from train when it needs one."""
 
     @property
     def channels(self) -> int:
@@ -185,9 +189,10 @@ class DatasetSpec(Protocol):
         ...
 
 
-REQUIRED_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
-"""What a trainer reports for every epoch; ``lr``, ``examples_per_s`` and ``epoch_seconds`` are
-filled in by the run when a trainer leaves them out."""
+REQUIRED_METRICS = ("train_loss", "train_acc")
+"""What a trainer reports for every epoch besides what ``run.evaluate`` returns (``val_loss`` and
+``val_acc``; ``test_loss`` and ``test_acc`` too with ``--test-every-epoch``); ``lr``,
+``examples_per_s`` and ``epoch_seconds`` are filled in by the run when a trainer leaves them out."""
 
 
 @dataclass(frozen=True)
@@ -306,9 +311,9 @@ class TrainingRun(Protocol):
         emitting EPOCH_STARTED before each; stops after an epoch in which early stopping asked to."""
         ...
 
-    def loader(self, split: Literal["train", "test"]) -> Batches:
+    def loader(self, split: Literal["train", "val", "test"]) -> Batches:
         """Batches of ``split`` at the config's input size and normalisation, this process's part of
-        each global batch of ``config.batch_size`` (the test split in batches twice that size)."""
+        each global batch of ``config.batch_size`` (val and test in batches twice that size)."""
         ...
 
     def iteration_completed(self, seen: int, loss: float) -> None:
@@ -318,8 +323,10 @@ class TrainingRun(Protocol):
         ...
 
     def evaluate(self, net: nn.Module, loader: Batches | None = None) -> dict[str, float]:
-        """``{"test_loss": mean cross-entropy, "test_acc": top-1 in 0..1}`` of ``net`` on the test
-        split (eval mode, no gradients, under AMP when on), over all processes."""
+        """``{"val_loss": mean cross-entropy, "val_acc": top-1 in 0..1}`` of ``net`` on the val split
+        (eval mode, no gradients, under AMP when on, over all processes); with
+        ``--test-every-epoch`` also ``test_loss`` and ``test_acc``; empty when the run has no val
+        split and no test every epoch. ``loader`` is ignored (earlier versions took the test loader)."""
         ...
 
     def epoch_completed(self, metrics: Mapping[str, float], examples: int | None = None) -> None:

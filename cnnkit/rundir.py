@@ -8,9 +8,11 @@ A run directory holds::
     curves.png           loss and accuracy per epoch
     log.txt              the append-only log
     split_<split>.txt    folder datasets: the files of each split
+    split_sizes.json     their sizes in bytes (so a resumed run knows a swapped image)
     best.safetensors     the best epoch's weights
     last.safetensors     the last completed epoch's weights
     state.safetensors    the resume point (model, optimiser, trainer and RNG state)
+    test.json            test metrics of the final and the best weights, measured at the end
     tb/                  TensorBoard event files (``--tensorboard``)
 
 Everything else (the driver, the handlers, resume, eval, export, ``--nproc``) asks this module for
@@ -44,6 +46,15 @@ BEST_NAME = "best.safetensors"
 LAST_NAME = "last.safetensors"
 STATE_NAME = "state.safetensors"
 TENSORBOARD_NAME = "tb"
+SPLIT_SIZES_NAME = "split_sizes.json"
+TEST_REPORT_NAME = "test.json"
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,13 @@ class RunDir:
     @property
     def state(self) -> Path:
         return self.path / STATE_NAME
+
+    @property
+    def test_report(self) -> Path:
+        return self.path / TEST_REPORT_NAME
+
+    def write_test_report(self, report: Mapping[str, Any]) -> None:
+        write_text(self.test_report, json.dumps(report, indent=2) + "\n")
 
     @property
     def tensorboard(self) -> Path:
@@ -122,8 +140,13 @@ class RunDir:
 
         from cnnkit.config import TrainConfig
 
+        values = dict(self.read_record()["config"])
+        if "val_fraction" not in values:
+            # A run from before validation splits trained on all of train and chose on test:
+            # it continues as it was (no val split; test every epoch, as its metrics.csv has it).
+            values.update(val_fraction=0.0, test_every_epoch=True)
         try:
-            return TrainConfig.model_validate(self.read_record()["config"])
+            return TrainConfig.model_validate(values)
         except ValidationError as exc:
             raise UsageError(f"{self.config} is not a cnnkit run config ({exc.error_count()} invalid keys)") from exc
 
@@ -152,14 +175,42 @@ class RunDir:
         return found
 
     # -- writing ---------------------------------------------------------------------------------
-    def write_record(self, config: Mapping[str, Any], environment: Mapping[str, Any]) -> None:
-        """config.json, atomically."""
-        record = {"config": dict(config), "environment": dict(environment)}
+    def write_record(
+        self, config: Mapping[str, Any], environment: Mapping[str, Any], resumes: list[dict[str, Any]] | None = None
+    ) -> None:
+        """config.json, atomically (``resumes``: each re-plan of the schedule, when there were any)."""
+        record: dict[str, Any] = {"config": dict(config), "environment": dict(environment)}
+        if resumes:
+            record["resumes"] = resumes
         write_text(self.config, json.dumps(record, indent=2) + "\n")
 
-    def write_split_files(self, split_files: Mapping[str, list[str]]) -> None:
+    def write_split_files(self, split_files: Mapping[str, list[str]], source: Path | None = None) -> None:
+        """split_<split>.txt per split and, when the files are under ``source``, their sizes."""
         for split, files in split_files.items():
             write_text(self.split_file(split), "".join(f"{name}\n" for name in files))
+        if source is not None and split_files:
+            sizes: dict[str, list[int | None]] = {}
+            for split, files in split_files.items():
+                sizes[split] = [_size(source / name) for name in files]
+            write_text(self.path / SPLIT_SIZES_NAME, json.dumps({"format": 1, "sizes": sizes}) + "\n")
+
+    def check_split_sizes(self, source: Path) -> None:
+        """DataError (exit 3) naming the first recorded file whose size is not the one recorded
+        (an image swapped for another under the same name); nothing to check for older runs."""
+        from cnnkit.errors import DataError
+
+        try:
+            recorded = json.loads((self.path / SPLIT_SIZES_NAME).read_text(encoding="utf-8"))["sizes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        for split, files in self.read_split_files().items():
+            for name, then in zip(files, recorded.get(split, []), strict=False):
+                now = _size(source / name)
+                if then is not None and now != then:
+                    raise DataError(
+                        f"{source / name} changed since {self.path} was trained ({then} bytes then, {now} now); "
+                        "resume with the images it was trained on, or start a new run"
+                    )
 
     def remove_stale_temporaries(self) -> None:
         """A killed run can leave hidden temp files of unfinished writes; they are never read."""

@@ -98,7 +98,7 @@ def test_bar_is_drawn_on_a_terminal_stderr_while_stdout_goes_to_a_pipe(tmp_path:
     code, stdout, terminal = run_in_pty(args, columns=100, stdout_on_terminal=False)
     assert code == 0, terminal
     # The bar (with its counts) was on the terminal; the epoch lines went to the pipe, plain.
-    assert b"epoch 1/2" in terminal and "━".encode() in terminal and b"/640" in terminal
+    assert b"epoch 1/2" in terminal and "━".encode() in terminal and b"/580" in terminal
     assert b"ex/s  loss " in terminal
     assert b"nan" not in terminal  # no "loss nan" before the first report
     assert not ANSI.search(stdout)
@@ -118,9 +118,9 @@ def test_on_a_narrow_terminal_lines_break_between_fields(tmp_path: Path) -> None
     assert all(len(line) <= 60 for line in shown)
     epoch = next(i for i, line in enumerate(shown) if line.startswith("epoch 1/2  loss"))
     # The continuation starts with a whole field, indented; no field is cut in two.
-    assert re.match(r"^    (train acc|test loss|test acc|lr) ", shown[epoch + 1]), shown
+    assert re.match(r"^    (train acc|val loss|val acc|lr) ", shown[epoch + 1]), shown
     fields = "  ".join(line.strip() for line in shown[epoch : epoch + 2 + 1] if not line.startswith("epoch 2"))
-    assert re.search(r"test acc \d\.\d{3}", fields) and re.search(r"\d+ ex/s", fields)
+    assert re.search(r"val acc \d\.\d{3}", fields) and re.search(r"\d+ ex/s", fields)
 
 
 def test_without_a_terminal_no_control_codes(runner, idx_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -14,12 +14,12 @@ from cnnkit.training import handlers
 
 def fake_run(tmp_path: Path, losses: list[tuple[float, float]], accs: list[tuple[float, float]]) -> Any:
     history = [
-        {"epoch": i + 1, "train_loss": tl, "test_loss": vl, "train_acc": ta, "test_acc": va}
+        {"epoch": i + 1, "train_loss": tl, "val_loss": vl, "train_acc": ta, "val_acc": va}
         for i, ((tl, vl), (ta, va)) in enumerate(zip(losses, accs, strict=True))
     ]
-    best = max(range(len(history)), key=lambda i: history[i]["test_acc"])
+    best = max(range(len(history)), key=lambda i: history[i]["val_acc"])
     return SimpleNamespace(
-        history=history, best_epoch=best + 1, best_acc=history[best]["test_acc"], dir=RunDir(tmp_path),
+        history=history, best_epoch=best + 1, best_acc=history[best]["val_acc"], dir=RunDir(tmp_path),
         config=SimpleNamespace(epochs=len(history), model="resnet18", dataset="coil20"),
     )  # fmt: skip
 
@@ -41,7 +41,7 @@ def test_curves_have_a_loss_panel_and_an_accuracy_panel_with_the_best_epoch(tmp_
     train, test = acc_axes.get_lines()[:2]
     assert train.get_color() != test.get_color() and train.get_linestyle() != test.get_linestyle()
     labels = [text.get_text() for text in acc_axes.get_legend().get_texts()]
-    assert labels == ["train", "test", "best test 0.160 (epoch 3)"]
+    assert labels == ["train", "val", "best val 0.160 (epoch 3)"]
     # The best epoch is a vertical line on both panels.
     for axes in (loss_axes, acc_axes):
         assert any(list(line.get_xdata()) == [3, 3] for line in axes.get_lines())

@@ -33,9 +33,9 @@ from cnnkit.training.handlers import (
 )
 
 
-def row(epoch: int, test_acc: float, train_loss: float = 0.5) -> dict[str, float]:
+def row(epoch: int, val_acc: float, train_loss: float = 0.5) -> dict[str, float]:
     return {
-        "epoch": epoch, "train_loss": train_loss, "train_acc": 0.8, "test_loss": 0.4, "test_acc": test_acc,
+        "epoch": epoch, "train_loss": train_loss, "train_acc": 0.8, "val_loss": 0.4, "val_acc": val_acc,
         "lr": 0.001, "examples_per_s": 1234.5678, "epoch_seconds": 2.25,
     }  # fmt: skip
 
@@ -43,7 +43,7 @@ def row(epoch: int, test_acc: float, train_loss: float = 0.5) -> dict[str, float
 def fake_run(tmp_path: Path, accs: list[float], **members: Any) -> Any:
     """A run after ``len(accs)`` epochs with those test accuracies."""
     history = [row(i + 1, acc, train_loss=1.0 / (i + 1)) for i, acc in enumerate(accs)]
-    best = max(range(len(history)), key=lambda i: history[i]["test_acc"]) if history else -1
+    best = max(range(len(history)), key=lambda i: history[i]["val_acc"]) if history else -1
     run = SimpleNamespace(
         dir=RunDir(tmp_path),
         config=TrainConfig(model="lenet", epochs=5, patience=2),
@@ -51,7 +51,7 @@ def fake_run(tmp_path: Path, accs: list[float], **members: Any) -> Any:
         metrics=history[-1] if history else {},
         epoch=len(history),
         best_epoch=best + 1,
-        best_acc=history[best]["test_acc"] if history else 0.0,
+        best_acc=history[best]["val_acc"] if history else 0.0,
         saved_epoch=0,
         should_stop=False,
         resumed=False,
@@ -63,10 +63,12 @@ def fake_run(tmp_path: Path, accs: list[float], **members: Any) -> Any:
         seen=0,
         loss=None,
         data=SimpleNamespace(
-            name="fashion-mnist", train=range(60), test=range(20), classes=["a", "b"],
-            split_files={"train": ["a/1.png", "b/2.png"], "test": ["a/3.png"]},
+            name="fashion-mnist", train=range(60), val=range(10), test=range(20), classes=["a", "b"],
+            split_files={"train": ["a/1.png", "b/2.png"], "test": ["a/3.png"]}, source=tmp_path / "data",
         ),  # fmt: skip
         environment={"cnnkit": "0.0", "device": "cpu", "world_size": 1},
+        resumes=(),
+        test_report={},
     )
     for name, value in members.items():
         setattr(run, name, value)
@@ -114,11 +116,11 @@ def test_metrics_csv_has_one_row_per_epoch(tmp_path: Path) -> None:
     run = fake_run(tmp_path, [0.5, 0.7])
     MetricsCSV().write(run)
     text = (tmp_path / "metrics.csv").read_text()
-    assert text.splitlines()[0] == ",".join(METRIC_COLUMNS)
+    assert text.splitlines()[0] == ",".join(c for c in METRIC_COLUMNS if not c.startswith("test_"))
     rows = list(csv.DictReader(text.splitlines()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert rows[1] == {
-        "epoch": "2", "train_loss": "0.5", "train_acc": "0.8", "test_loss": "0.4", "test_acc": "0.7",
+        "epoch": "2", "train_loss": "0.5", "train_acc": "0.8", "val_loss": "0.4", "val_acc": "0.7",
         "lr": "0.001", "examples_per_s": "1234.57", "epoch_seconds": "2.25",
     }  # fmt: skip
     # Rewritten whole: a shorter history (a resumed run) leaves no stale rows.
@@ -161,7 +163,7 @@ def test_early_stopping_after_patience_epochs_without_a_better_best(tmp_path: Pa
 
 
 # -- the console and the log --------------------------------------------------------------------
-EPOCH_LINE = "epoch 2/5  loss 0.500  train acc 0.800  test loss 0.400  test acc 0.700  lr 0.001  1235 ex/s  2.2s"
+EPOCH_LINE = "epoch 2/5  loss 0.500  train acc 0.800  val loss 0.400  val acc 0.700  lr 0.001  1235 ex/s  2.2s"
 
 
 def test_console_prints_the_epoch_line_and_the_closing_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -171,19 +173,25 @@ def test_console_prints_the_epoch_line_and_the_closing_lines(tmp_path: Path, cap
     console.started(run)
     console.epoch_completed(run)
     run.should_stop = True
+    per_class = {"a": {"acc": 0.9, "support": 10}, "b": {"acc": 0.5, "support": 10}}
+    run.test_report = {"final": {"epoch": 2, "test_acc": 0.7, "per_class": per_class},
+                       "best": {"epoch": 2, "test_acc": 0.7, "per_class": per_class}}  # fmt: skip
     console.completed(run)
     out = capsys.readouterr().out.splitlines()
     assert out[0] == describe_config(run.config)
-    assert out[1] == f"fashion-mnist: 60 train / 20 test, 2 classes · cpu · run {tmp_path}"
+    assert out[1] == f"fashion-mnist: 60 train / 10 val / 20 test, 2 classes · cpu · run {tmp_path}"
     assert out[2] == EPOCH_LINE
-    assert out[3:] == [
+    assert out[3:6] == [
+        "test accuracy per class (best weights, epoch 2):", "  a  0.900  (10 images)", "  b  0.500  (10 images)",
+    ]  # fmt: skip
+    assert out[6:] == [
         "loss 0.500, train acc 0.800, test acc 0.700",
         "2000.0 examples/sec on cpu",
-        "stopped early after epoch 2: no better test acc for 2 epochs",
-        f"run {tmp_path}  curves {tmp_path / 'curves.png'}  best weights {tmp_path / 'best.safetensors'} "
-        "(epoch 2, test acc 0.700)",
+        "stopped early after epoch 2: no better val acc for 2 epochs",
+        "best epoch 2 by val acc: val acc 0.700, test acc 0.700; final epoch 2: test acc 0.700",
+        f"run {tmp_path}  curves {tmp_path / 'curves.png'}  best weights {tmp_path / 'best.safetensors'}",
     ]
-    assert out[3:] == closing_lines(run)
+    assert out[6:] == closing_lines(run)
 
 
 def test_console_says_resuming_and_quiet_prints_only_the_closing_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -214,9 +222,9 @@ def test_log_file_records_the_run(tmp_path: Path) -> None:
     texts = [re.sub(stamp, "", line, count=1) for line in lines]
     assert texts[0] == f"started: {describe_config(run.config)} · cpu"
     assert texts[1] == EPOCH_LINE
-    assert texts[2:5] == closing_lines(run) and len(texts) == 7
-    assert texts[5] == f"resumed after epoch 2: {describe_config(run.config)} · cpu"
-    assert texts[6] == "error: diverged"
+    assert texts[2:6] == closing_lines(run) and len(texts) == 8
+    assert texts[6] == f"resumed after epoch 2: {describe_config(run.config)} · cpu"
+    assert texts[7] == "error: diverged"
 
 
 def test_log_file_names_itself_when_it_cannot_be_written(tmp_path: Path) -> None:

@@ -46,8 +46,9 @@ def reference_class(root: Path, count: int = 3, size: tuple[int, int] = (SIDE, S
 
 
 def pixels_of(splits: Any, label: int) -> torch.Tensor:
-    """Every image of class ``label``, train and test together."""
-    return torch.cat([part.images[part.labels == label] for part in (splits.train, splits.test)])
+    """Every image of class ``label``, train, val and test together."""
+    parts = [part for part in (splits.train, splits.val, splits.test) if part is not None]
+    return torch.cat([part.images[part.labels == label] for part in parts])
 
 
 def one_error(result: Any, code: int, *needles: str) -> str:
@@ -131,9 +132,9 @@ def test_exif_rotated_jpeg_is_used_upright(tmp_path: Path) -> None:
     (root / "rotated").mkdir()
     for i in range(3):
         Image.fromarray(stored, mode="L").save(root / "rotated" / f"{i}.jpg", exif=exif, quality=95)
-    splits = load_dataset("image-folder", root)
+    splits = load_dataset("image-folder", root, resize="squash", image_size=8)
     upright = pixels_of(splits, splits.classes.index("rotated")).float()
-    assert upright.shape[1:] == (1, 8, 4)  # rotated, not squeezed into the stored 8x4
+    assert upright.shape[1:] == (1, 8, 8)  # stretched to the square, so a sideways image would show
     # Turned clockwise, the stored left (black) column becomes the top row.
     assert upright[:, :, :4].mean() < 40 and upright[:, :, 4:].mean() > 215
 
@@ -205,7 +206,7 @@ def test_hidden_and_non_image_files_are_skipped_and_counted(tmp_path: Path, caps
     (root / "b" / ".ipynb_checkpoints" / "3.png").write_bytes(b"junk")
     (root / ".git").mkdir()  # a hidden folder at the top is no class
     splits = load_dataset("image-folder", root)
-    assert splits.classes == ("b", "ref") and len(splits.train) + len(splits.test) == 6
+    assert splits.classes == ("b", "ref") and len(splits.train) + len(splits.val) + len(splits.test) == 6
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"cnnkit: warning: {root}: skipped 2 file(s) that are not images by name (.csv, .txt)"]
 
@@ -257,7 +258,7 @@ def test_symlink_loop_between_folders_reads_each_image_once(tmp_path: Path) -> N
     (root / "b" / "self").symlink_to(".")
     (root / "ref" / "to-b").symlink_to(root / "b" / "inner")  # a link out of the class is followed
     splits = load_dataset("image-folder", root)
-    counts = torch.bincount(torch.cat([splits.train.labels, splits.test.labels])).tolist()
+    counts = torch.bincount(torch.cat([splits.train.labels, splits.val.labels, splits.test.labels])).tolist()
     assert counts == [3, 6]  # b: its 3 images once; ref: 3 own + 3 through the link
 
 
@@ -271,7 +272,7 @@ def test_two_thousand_tiny_files(tmp_path: Path) -> None:
     started = time.perf_counter()
     splits = load_dataset("image-folder", root)
     first = time.perf_counter() - started
-    assert len(splits.train) + len(splits.test) == 2000
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 2000
     for label in range(4):  # every image under its own class
         assert (pixels_of(splits, label)[:, 0, 0, 0] == label * 60).all()
     assert first < 60, f"first load of 2,000 files took {first:.1f} s"
@@ -319,7 +320,7 @@ def test_predict_applies_exif_rotation(tmp_path: Path, runner: Any, weights: Pat
 
 
 @pytest.mark.parametrize("kind", ["bomb", "zero bytes", "folder", "text"])
-def test_predict_bad_input_exits_3_naming_it(tmp_path: Path, runner: Any, weights: Path, kind: str) -> None:
+def test_predict_bad_input_is_skipped_naming_it_and_alone_exits(tmp_path: Path, runner: Any, weights: Path, kind: str) -> None:
     bad = tmp_path / "bad.png"
     if kind == "bomb":
         png_header(bad, 12_000, 12_000)
@@ -331,7 +332,12 @@ def test_predict_bad_input_exits_3_naming_it(tmp_path: Path, runner: Any, weight
         bad.write_text("hello")
     good = gray(tmp_path / "good.png", 100)
     result = runner.invoke(app, ["predict", str(weights), str(good), str(bad), "--device", "cpu"])
-    one_error(result, 3, str(bad))
+    if kind == "folder":  # a folder without images gives no image: a usage error naming it
+        one_error(result, 2, str(bad))
+        return
+    assert result.exit_code == 0 and str(good) in result.stdout, result.output
+    assert result.stderr.strip().splitlines() == [f"cnnkit: warning: skipped {bad}: " + result.stderr.split(": ", 3)[-1].strip()]
+    one_error(runner.invoke(app, ["predict", str(weights), str(bad), "--device", "cpu"]), 3, str(bad))
 
 
 def test_predict_non_utf8_file_name(tmp_path: Path, runner: Any, weights: Path) -> None:
@@ -344,6 +350,7 @@ def test_data_error_type_is_the_one_documented(tmp_path: Path) -> None:
     root = tmp_path / "data"
     reference_class(root)
     gray(root / "b" / "0.png", 9)
+    gray(root / "b" / "2.png", 9)
     (root / "b" / "1.png").write_bytes(b"")
     with pytest.raises(DataError, match=r"1\.png is empty"):
         load_dataset("image-folder", root)

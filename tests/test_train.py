@@ -68,12 +68,13 @@ def test_loss_falls_and_accuracy_rises_on_learnable_data(tmp_path: Path) -> None
     first, last = result.history[0], result.history[-1]
     assert last["train_loss"] < 0.5 * first["train_loss"]
     assert last["train_acc"] > first["train_acc"]
-    assert last["test_acc"] >= 0.95  # chance is 0.25
+    assert last["val_acc"] >= 0.95  # chance is 0.25
+    assert result.run_dir.joinpath("test.json").is_file()
 
 
 def test_d2l_recipe_also_learns(tmp_path: Path) -> None:
     result = fit(tiny_config(tmp_path, recipe="d2l", epochs=4, lr=0.5))
-    assert result.history[-1]["test_acc"] >= 0.9
+    assert result.history[-1]["val_acc"] >= 0.9
 
 
 def test_run_directory_holds_every_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -85,8 +86,9 @@ def test_run_directory_holds_every_file(tmp_path: Path, capsys: pytest.CaptureFi
     with open(folder / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    assert all(set(r) == set(METRIC_COLUMNS) and all(r[k] != "" for k in METRIC_COLUMNS) for r in rows)
-    assert float(rows[-1]["test_acc"]) == pytest.approx(result.history[-1]["test_acc"], abs=1e-5)
+    columns = [c for c in METRIC_COLUMNS if not c.startswith("test_")]  # test is measured once, at the end
+    assert all(list(r) == columns and all(r[k] != "" for k in columns) for r in rows)
+    assert float(rows[-1]["val_acc"]) == pytest.approx(result.history[-1]["val_acc"], abs=1e-5)
 
     assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((folder / "config.json").read_text())
@@ -95,9 +97,14 @@ def test_run_directory_holds_every_file(tmp_path: Path, capsys: pytest.CaptureFi
     assert len((folder / "log.txt").read_text().splitlines()) >= 5
     assert (folder / "split_train.txt").read_text().splitlines()[:2] == ["nw/0.png", "nw/1.png"]
     assert len((folder / "split_test.txt").read_text().splitlines()) == 64
+    val = (folder / "split_val.txt").read_text().splitlines()
+    assert val and set(val).isdisjoint((folder / "split_train.txt").read_text().splitlines())
+    report = json.loads((folder / "test.json").read_text())
+    assert report["final"]["epoch"] == 3 and report["best"]["epoch"] == result.best_epoch
+    assert 0 <= report["best"]["test_acc"] <= 1 and sum(c["support"] for c in report["final"]["per_class"].values()) == 64
 
     model, meta = load_weights(folder / "best.safetensors")
-    assert meta.epoch == result.best_epoch and meta.metrics["test_acc"] == pytest.approx(result.best_acc)
+    assert meta.epoch == result.best_epoch and meta.metrics["val_acc"] == pytest.approx(result.best_acc)
     assert meta.mean == [0.45] and meta.input_size == 16 and meta.classes == ["nw", "ne", "sw", "se"]
     _, last = load_weights(folder / "last.safetensors")
     assert last.epoch == 3
@@ -105,7 +112,8 @@ def test_run_directory_holds_every_file(tmp_path: Path, capsys: pytest.CaptureFi
     out = capsys.readouterr().out.splitlines()
     assert sum(line.startswith("epoch ") for line in out) == 3  # plain lines: stdout is not a terminal
     last_row = result.history[-1]
-    d2l_line = f"loss {last_row['train_loss']:.3f}, train acc {last_row['train_acc']:.3f}, test acc {last_row['test_acc']:.3f}"
+    final_test = report["final"]["test_acc"]
+    d2l_line = f"loss {last_row['train_loss']:.3f}, train acc {last_row['train_acc']:.3f}, test acc {final_test:.3f}"
     assert d2l_line in out
     assert out[out.index(d2l_line) + 1].endswith("examples/sec on cpu")
 
@@ -113,7 +121,47 @@ def test_run_directory_holds_every_file(tmp_path: Path, capsys: pytest.CaptureFi
 def test_quiet_prints_only_the_closing_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fit(tiny_config(tmp_path, epochs=1))
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 3 and out[0].startswith("loss ") and out[1].endswith("examples/sec on cpu")
+    assert len(out) == 4 and out[0].startswith("loss ") and out[1].endswith("examples/sec on cpu")
+    assert out[2].startswith("best epoch 1 by val acc: val acc ") and out[3].startswith("run ")
+
+
+def test_best_and_patience_follow_val_and_test_labels_change_nothing(tmp_path: Path) -> None:
+    """Scrambling the test labels changes no checkpoint and no stopping decision: test chooses nothing."""
+    options = {"epochs": 6, "patience": 1, "deterministic": True, "lr": 0.5}
+    honest = fit(tiny_config(tmp_path, "honest", **options))
+    scrambled = tiny_splits()
+    scrambled.test.labels = (scrambled.test.labels + 1) % 4
+    other = train(tiny_config(tmp_path, "scrambled", **options), data=scrambled)
+    assert (other.best_epoch, len(other.history), other.stopped_early) == (
+        honest.best_epoch, len(honest.history), honest.stopped_early)  # fmt: skip
+    assert [r["val_acc"] for r in other.history] == [r["val_acc"] for r in honest.history]
+    best = max(range(len(honest.history)), key=lambda i: honest.history[i]["val_acc"]) + 1
+    assert honest.best_epoch == best  # the first epoch of the highest val accuracy
+    a = json.loads((honest.run_dir / "test.json").read_text())
+    b = json.loads((other.run_dir / "test.json").read_text())
+    assert a["best"]["epoch"] == b["best"]["epoch"] and a["best"]["test_acc"] != b["best"]["test_acc"]
+
+
+def test_monitoring_val_loss_picks_the_lowest_val_loss(tmp_path: Path) -> None:
+    result = fit(tiny_config(tmp_path, epochs=4, monitor="val_loss", lr=0.5))
+    losses = [r["val_loss"] for r in result.history]
+    assert result.best_epoch == losses.index(min(losses)) + 1
+
+
+def test_no_validation_means_no_best_and_no_patience(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = fit(tiny_config(tmp_path, epochs=2, val_fraction=0, quiet=False))
+    assert result.best_epoch == 0 and not (result.run_dir / "best.safetensors").exists()
+    assert "val_acc" not in result.history[-1]
+    assert any(line.startswith("no validation split, so no best epoch") for line in capsys.readouterr().out.splitlines())
+    with pytest.raises(UsageError, match="--patience 2 stops on the validation split, and this run has none"):
+        fit(tiny_config(tmp_path, "p", epochs=2, val_fraction=0, patience=2))
+
+
+def test_test_every_epoch_adds_test_columns_that_choose_nothing(tmp_path: Path) -> None:
+    result = fit(tiny_config(tmp_path, epochs=2, test_every_epoch=True))
+    assert {"val_acc", "test_acc"} <= set(result.history[-1])
+    header = (result.run_dir / "metrics.csv").read_text().splitlines()[0]
+    assert header.split(",")[:7] == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"]
 
 
 def test_two_deterministic_runs_are_identical(tmp_path: Path) -> None:
@@ -175,7 +223,7 @@ def test_non_finite_loss_stops_with_diverged_and_keeps_best(tmp_path: Path) -> N
     message = caught.value.format_message()
     assert "epoch 2, step 1" in message and "lr " in message and "\n" not in message
     _, meta = load_weights(best)
-    assert meta.epoch == 1 and meta.metrics["test_acc"] > 0
+    assert meta.epoch == 1 and meta.metrics["val_acc"] > 0
     assert "error: loss became nan" in (Path(config.out or "") / "log.txt").read_text()
 
 

@@ -59,15 +59,19 @@ def test_train_numbers_runs_and_eval_reads_the_weights(runner, idx_data: Path, t
     evaluated = runner.invoke(app, ["eval", str(run), "--data", str(idx_data), "--format", "json", "--device", "cpu"])
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads(evaluated.output[: evaluated.output.rindex("}") + 1])
-    _, meta = load_weights(run / "best.safetensors")
-    assert report["top1"] == pytest.approx(meta.metrics["test_acc"], abs=1e-6)
+    tested = json.loads((run / "test.json").read_text())
+    assert report["top1"] == pytest.approx(tested["best"]["test_acc"], abs=1e-6)
+    on_val = runner.invoke(app, ["eval", str(run), "--split", "val", "--format", "json", "--device", "cpu"])
+    assert on_val.exit_code == 0, on_val.output
+    _, meta = load_weights(run / "best.safetensors")  # the run's own val split, carved again the same way
+    assert json.loads(on_val.output[: on_val.output.rindex("}") + 1])["top1"] == pytest.approx(meta.metrics["val_acc"], abs=1e-6)
 
 
 def test_resume_extends_a_run(runner, idx_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "run"
     assert runner.invoke(app, tiny_args(idx_data, "--epochs", "1", "--out", str(out), "-q")).exit_code == 0
-    refused = runner.invoke(app, ["train", "--resume", str(out), "--lr", "0.5"])
-    assert refused.exit_code == 2 and "lr cannot change" in refused.output
+    refused = runner.invoke(app, ["train", "--resume", str(out), "--batch-size", "64"])
+    assert refused.exit_code == 2 and "batch_size cannot change" in refused.output
     taken = runner.invoke(app, tiny_args(idx_data, "--epochs", "1", "--out", str(out)))
     assert taken.exit_code == 2 and "--resume" in taken.output
     resumed = runner.invoke(app, ["train", "--resume", str(out), "--epochs", "2", "--data", str(idx_data)])
@@ -76,6 +80,14 @@ def test_resume_extends_a_run(runner, idx_data: Path, tmp_path: Path) -> None:  
     assert resumed.exit_code == 0, resumed.output
     assert "resuming" in resumed.output and "epoch 2/2" in resumed.output
     assert len((out / "metrics.csv").read_text().splitlines()) == 3
+    assert "schedule: from lr" in resumed.output  # the plan of the extension, in one line
+    restarted = runner.invoke(app, ["train", "--resume", str(out), "--epochs", "4", "--lr", "0.02"])
+    assert restarted.exit_code == 0, restarted.output
+    assert "warm restart" in restarted.output and "to lr 0.02" in restarted.output
+    record = json.loads((out / "config.json").read_text())
+    assert [(r["epochs"], r["lr"]) for r in record["resumes"]] == [(2, None), (4, 0.02)]
+    lrs = [float(line.split(",")[-3]) for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert max(lrs[2:]) <= 0.02 + 1e-9 and lrs[3] < lrs[2]  # up to the restart's peak, then down
 
 
 def test_missing_cuda_exits_2_listing_devices(runner, idx_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

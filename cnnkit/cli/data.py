@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -45,7 +45,12 @@ def info(
     from cnnkit.registry import DATASETS
 
     spec = DATASETS.get(name)
-    splits = load_dataset(name, data, **parse_key_values(dataset_option, "-d"))
+    options: dict[str, Any] = dict(parse_key_values(dataset_option, "-d"))
+    describe = getattr(spec, "describe", None)
+    if callable(describe):  # the user's own images: the layout from the file names, nothing decoded
+        _show_layout(name, spec.summary, describe(data, **options), fmt)
+        return
+    splits = load_dataset(name, data, **options)
     _, channels, height, width = splits.train.images.shape
     report = {
         "name": name,
@@ -55,6 +60,7 @@ def info(
         "channels": int(channels),
         "image_size": [int(height), int(width)],
         "train": len(splits.train),
+        "val": len(splits.val) if splits.val is not None else 0,
         "test": len(splits.test),
         "mean": [round(m, 4) for m in splits.mean],
         "std": [round(s, 4) for s in splits.std],
@@ -64,6 +70,27 @@ def info(
         return
     typer.echo(f"{name}: {spec.summary}")
     typer.echo(f"  files     {report['source']}")
-    typer.echo(f"  images    {channels}x{height}x{width}, train {report['train']:,}, test {report['test']:,}")
+    val = f"val {report['val']:,}, " if splits.val is not None else ""
+    typer.echo(f"  images    {channels}x{height}x{width}, train {report['train']:,}, {val}test {report['test']:,}")
+    if splits.val is None:
+        typer.echo("  val       none of its own: a run holds out --val-fraction of each class of train (default 0.1)")
     typer.echo(f"  classes   {len(splits.classes)}: {', '.join(splits.classes)}")
     typer.echo(f"  mean/std  {report['mean']} / {report['std']}")
+
+
+def _show_layout(name: str, summary: str, report: dict, fmt: Format) -> None:
+    if fmt is Format.json:
+        typer.echo(json.dumps({"name": name, "summary": summary, **report}, indent=2))
+        return
+    from cnnkit._console import warn
+
+    for note in report["notes"]:
+        warn(note)
+    typer.echo(f"{name}: {summary}")
+    typer.echo(f"  files     {report['source']} ({report['layout']})")
+    height, width = report["image_size"]
+    typer.echo(
+        f"  images    {report['channels']}x{height}x{width} (most common), train {report['train']:,}, "
+        f"val {report['val']:,}, test {report['test']:,}"
+    )
+    typer.echo(f"  classes   {len(report['classes'])}: {', '.join(report['classes'])}")

@@ -20,6 +20,7 @@ app = typer.Typer()
 
 class Split(str, Enum):
     test = "test"
+    val = "val"
     train = "train"
 
 

@@ -190,7 +190,8 @@ def predict_command(
     fmt: FormatOption = Format.table,
 ) -> None:
     """Classify images with trained weights: top-K classes and their probabilities, for files, folders and globs."""
-    from cnnkit.prediction import gather_images, open_predictor, predict_batches
+    from cnnkit.prediction import gather_images, predict_batches
+    from cnnkit.predictors import open_predictor
 
     if top < 1:
         raise UsageError(f"--top must be >= 1, got {top}")

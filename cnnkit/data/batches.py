@@ -5,6 +5,9 @@ batch is a slice of one uint8 tensor: it is moved to the device as uint8 (4x few
 float), and every transform runs once on the whole batch there. On a CPU, bilinear resizing of
 every batch from 28 px to 96 or 224 px would dominate an epoch, so the split is resized once to a
 uint8 copy at the target size (kept for the process) and batches are cut from that copy.
+
+An epoch prepares a chunk of consecutive batches at a time (gather, move, convert, normalise)
+and yields row slices of it; only augmentation, which draws per example, runs per batch.
 """
 
 from __future__ import annotations
@@ -20,11 +23,20 @@ from cnnkit.protocols import ImageTensors
 __all__ = ["BatchLoader", "resize_uint8", "to_float"]
 
 _RESIZE_CHUNK = 2048
+# Batches of an epoch are prepared in chunks of up to this many consecutive batches and at most
+# this many bytes of float32: on a CPU about what its caches hold (larger chunks measured slower
+# there: each op of the preparation streams the chunk through memory again); on a GPU larger, as
+# what counts there is how few kernels are launched.
+_CHUNK_BATCHES = 16
+_CHUNK_BYTES = {"cpu": 2 << 20, "cuda": 32 << 20}
 
 
 def to_float(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 in 0..1 at ``size`` x ``size`` (bilinear, antialiased when shrinking)."""
-    x = images.float().div_(255)
+    if images.dtype == torch.uint8 and torch.get_default_dtype() == torch.float32:
+        x = torch.div(images, 255)  # true division: float32 in one pass, the same values as .float() / 255
+    else:
+        x = images.float().div_(255)
     if x.shape[-2:] != (size, size):
         shrinking = size < x.shape[-1] or size < x.shape[-2]
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking)
@@ -127,6 +139,12 @@ class BatchLoader:
         channels = images.shape[1]
         self.mean = self._stat(mean, channels)
         self.std = self._stat(std, channels)
+        # A black pixel after normalisation: what augmentation pads normalised batches with.
+        self._pad_value = (
+            torch.zeros_like(self.mean).sub_(self.mean).div_(self.std)
+            if self.mean is not None and self.std is not None
+            else None
+        )
 
     def _stat(self, values: Sequence[float] | None, channels: int) -> torch.Tensor | None:
         if values is None:
@@ -157,6 +175,12 @@ class BatchLoader:
         generator.manual_seed(self.seed * 1_000_003 + epoch)
         return generator
 
+    def _batches_per_chunk(self) -> int:
+        """Consecutive batches prepared together (see _CHUNK_BATCHES and _CHUNK_BYTES)."""
+        per_batch = self.batch_size * int(self.images.shape[1]) * self.image_size * self.image_size * 4
+        limit = _CHUNK_BYTES.get(self.device.type, _CHUNK_BYTES["cpu"])
+        return max(1, min(_CHUNK_BATCHES, limit // max(per_batch, 1)))
+
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of epoch ``epoch``: the same order and augmentations for the same (seed, epoch)."""
         n = int(self.labels.shape[0])
@@ -166,21 +190,42 @@ class BatchLoader:
             order = order.to(self.images.device)
         stop = len(self) * self.batch_size if self.drop_last else n
         rank, world = self.shard
+        # (start, global size, low, high) per batch: rows low..high of it are this process's part.
+        parts = []
         for start in range(0, stop, self.batch_size):
             size = min(self.batch_size, stop - start)
-            low, high = rank * size // world, (rank + 1) * size // world  # this process's part
-            if low == high:
+            parts.append((start, size, rank * size // world, (rank + 1) * size // world))
+        per_chunk = self._batches_per_chunk()
+        for first in range(0, len(parts), per_chunk):
+            group = parts[first : first + per_chunk]
+            kept = [part for part in group if part[2] < part[3]]
+            if kept:
+                # A chunk of consecutive batches is gathered, moved, converted and normalised at
+                # once, and its batches are row slices of the result: each op runs once per chunk,
+                # not once per step (a tiny model's step is short enough for these to show, and on
+                # a loaded CPU every op costs a wait for the other threads).
+                if world == 1:
+                    index = order[group[0][0] : group[-1][0] + group[-1][1]]
+                else:
+                    index = torch.cat([order[start + low : start + high] for start, _, low, high in kept])
+                # index_select copies whole rows; plain advanced indexing goes element by element
+                # and made the gather, not the arithmetic, the cost of a CPU epoch (7x slower).
+                images = self._prepare(torch.index_select(self.images, 0, index))
+                labels = self._move(torch.index_select(self.labels, 0, index))
+            offset = 0
+            for _, size, low, high in group:
+                if low == high:
+                    if self.augment:
+                        self._draw(size, generator)  # keep the generator in step with the other processes
+                    continue
+                x = images[offset : offset + high - low]
+                y = labels[offset : offset + high - low]
+                offset += high - low
                 if self.augment:
-                    self._draw(size, generator)  # keep the generator in step with the other processes
-                continue
-            index = order[start + low : start + high]
-            # index_select copies whole rows; plain advanced indexing goes element by element
-            # and made the gather, not the arithmetic, the cost of a CPU epoch (7x slower).
-            images = torch.index_select(self.images, 0, index)
-            yield (
-                self._transform(images, generator, (size, low, high)),
-                self._move(torch.index_select(self.labels, 0, index)),
-            )
+                    x = self._augment(x, generator, (size, low, high))
+                if self.channels_last:  # a no-op on a slice of a channels-last chunk
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield x, y
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of epoch 0 (evaluation loaders neither shuffle nor augment)."""
@@ -193,16 +238,12 @@ class BatchLoader:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
 
-    def _transform(
-        self, batch: torch.Tensor, generator: torch.Generator, part: tuple[int, int, int] | None = None
-    ) -> torch.Tensor:
-        """``part``: (global batch size, low, high) when ``batch`` is rows low..high of a global batch."""
+    def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 rows -> float32 on the device at ``image_size``, normalised when mean/std are given."""
         x = to_float(self._move(batch), self.image_size)
-        if self.augment:
-            x = self._augment(x, generator, part)
         if self.mean is not None and self.std is not None:
             x = x.sub_(self.mean).div_(self.std)
-        if self.channels_last:
+        if self.channels_last and not self.augment:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -218,10 +259,18 @@ class BatchLoader:
     def _augment(
         self, x: torch.Tensor, generator: torch.Generator, part: tuple[int, int, int] | None = None
     ) -> torch.Tensor:
-        """Random crop from a zero-padded image and a horizontal flip, per example, on the device."""
-        b, _, h, w = x.shape
+        """Random crop from a zero-padded image and a horizontal flip, per example, on the device.
+
+        ``x`` is already normalised: the padding is what a black (0) pixel normalises to, so the
+        result is exactly that of padding with zeros first and normalising after."""
+        b, c, h, w = x.shape
         pad = max(1, round(self.image_size / 8))
-        padded = F.pad(x, (pad, pad, pad, pad))
+        if self._pad_value is None:
+            padded = F.pad(x, (pad, pad, pad, pad))
+        else:
+            padded = x.new_empty((b, c, h + 2 * pad, w + 2 * pad))
+            padded.copy_(self._pad_value.expand_as(padded))
+            padded[:, :, pad : pad + h, pad : pad + w] = x
         # Drawn for the whole global batch, then this process's rows: sharding changes nothing.
         size, low, high = part if part is not None else (b, 0, b)
         dy, dx, flip = (t[low:high].to(x.device) for t in self._draw(size, generator))

@@ -1,9 +1,12 @@
-"""Any folder of class subfolders: ``root/<class>/*.png|jpg|jpeg|bmp|tif|tiff|webp|gif``.
+"""The user's own images: any of the layouts of :mod:`cnnkit.data.layouts` (class folders, train/ val/
+test/ split folders, a CSV manifest), decoded once at the run's size into a memory-mapped store.
 
-With ``root/train/<class>`` and ``root/test/<class>`` the split is given; otherwise a seeded split,
-stratified per class, holds out ``test_fraction`` of each class. Class names are the subfolder
-names in sorted order (label i is the i-th name), never the order files happen to be listed in.
-Images are decoded once at load time (then cached); mixed sizes are resized to a common size.
+Each image is decoded once, resized on the way to the run's input size (``-d resize=crop``: the
+shorter side to the size, then a centre crop; ``squash``; ``pad``) and written into a uint8 store
+in ``$CNNKIT_CACHE`` keyed by the files, the size, the channels and the resize mode
+(:mod:`cnnkit.data.store`); the splits are views of it, so a folder larger than memory trains in
+bounded memory. The run's input size arrives as the ``image_size`` option (the driver fills it in
+unless ``-d image_size=N`` is given).
 
 What counts as an image is decided by its name, the same way everywhere:
 
@@ -18,30 +21,29 @@ What counts as an image is decided by its name, the same way everywhere:
 - file and folder names need not be UTF-8: names that are not are shown (split files, class
   names) with backslash escapes.
 
-The folder is only ever read; decoded tensors go to the cache (:mod:`cnnkit.data.cache`).
+The folder is only ever read.
 """
 
 from __future__ import annotations
 
-import os
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cnnkit.data.cache import cached_splits, dataset_statistics, source_key
-from cnnkit.data.images import decode_images
+from cnnkit.data.layouts import SPLITS, Item, Layout, assign_splits, describe, find_layout, printable
 from cnnkit.data.locate import find_folder
 from cnnkit.errors import DataError
-from cnnkit.image_files import IMAGE_SUFFIXES, header
+from cnnkit.image_files import header
 from cnnkit.options import parse_options
 from cnnkit.protocols import DatasetSplits, ImageTensors
 
-__all__ = ["IMAGE_FOLDER", "ImageFolder", "ImageFolderOptions"]
+__all__ = ["IMAGE_FOLDER", "ImageFolder", "ImageFolderOptions", "printable"]
 
-HOW_TO_GET = "lay the images out as root/<class>/*.png (optionally root/train/... and root/test/...)"
+HOW_TO_GET = "pass --data PATH: a folder of class folders, train/ val/ test/ folders, or a CSV manifest"
 
 
 class ImageFolderOptions(BaseModel):
@@ -51,12 +53,20 @@ class ImageFolderOptions(BaseModel):
 
     channels: int | None = Field(None, description="1 (grayscale) or 3 (RGB); default: 1 if every image is grayscale.")
     image_size: int | None = Field(
-        None, gt=0, description="Side every image is resized to; default: the most common size."
+        None, gt=0, description="Side images are decoded at; default: the run's input size (else the most common size)."
     )
-    seed: int = Field(0, description="Seed of the split when there are no train/ and test/ subfolders.")
+    resize: Literal["crop", "squash", "pad"] = Field(
+        "crop", description="crop: shorter side to the size, then the centre; squash: stretch; pad: fit and pad."
+    )
+    seed: int = Field(0, description="Seed of the split of what the layout does not split itself.")
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of each class held out for validation when there is no val/ split."
+    )
     test_fraction: float = Field(
-        0.1, gt=0, lt=1, description="Share of each class held out when the split is not given."
+        0.1, gt=0, lt=1, description="Share of each class held out for testing when there is no test/ split."
     )
+    path_column: str = Field("path", min_length=1, description="CSV manifests: the column holding image paths.")
+    label_column: str = Field("label", min_length=1, description="CSV manifests: the column holding class names.")
 
     @field_validator("channels")
     @classmethod
@@ -66,64 +76,7 @@ class ImageFolderOptions(BaseModel):
         return value
 
 
-def printable(name: str) -> str:
-    """A file name as text that can be written anywhere: bytes that are not UTF-8 become ``\\xNN``."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
-def _image_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, skipped visible non-image files) under ``folder``, following links, never twice."""
-    images: list[Path] = []
-    skipped: list[Path] = []
-    seen: set[tuple[int, int]] = set()
-    for top, dirs, files in os.walk(folder, followlinks=True):
-        identity = os.stat(top)
-        if (identity.st_dev, identity.st_ino) in seen:  # a link back to a folder already read
-            dirs[:] = []
-            continue
-        seen.add((identity.st_dev, identity.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            path = Path(top) / name
-            if name.startswith("."):
-                continue
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                if not path.is_file():
-                    raise DataError(f"{path} is not a readable image (a broken or looping link); replace or remove it")
-                images.append(path)
-            elif path.is_file():
-                skipped.append(path)
-    return sorted(images), skipped
-
-
-def _class_files(root: Path) -> dict[str, list[Path]]:
-    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DataError(f"{root} has no class subfolders; {HOW_TO_GET}")
-    if len(classes) == 1:
-        raise DataError(
-            f"{root} has a single class folder ({printable(classes[0].name)}); a classifier needs at least two"
-        )
-    found: dict[str, list[Path]] = {}
-    skipped: list[Path] = []
-    for folder in classes:
-        files, others = _image_files(folder)
-        skipped += others
-        if not files:
-            raise DataError(
-                f"class folder {folder} holds no .png/.jpg/.jpeg/.bmp images (nor .tif/.tiff/.webp/.gif); "
-                "add some or remove it"
-            )
-        found[folder.name] = files
-    if skipped:
-        from cnnkit._console import warn
-
-        suffixes = sorted({p.suffix.lower() or p.name for p in skipped})
-        warn(f"{root}: skipped {len(skipped)} file(s) that are not images by name ({', '.join(suffixes[:5])})")
-    return found
-
-
-def _native(paths: list[Path]) -> tuple[bool, Counter[tuple[int, int]]]:
+def _native(paths: Sequence[Path]) -> tuple[bool, Counter[tuple[int, int]]]:
     """Whether every image is grayscale, and how common each (H, W) is (headers only, no decoding)."""
     from PIL import Image, UnidentifiedImageError
 
@@ -147,75 +100,104 @@ class ImageFolder:
     """The registered ``image-folder`` dataset."""
 
     name = "image-folder"
-    summary = "Any folder of class subfolders root/<class>/*.png (train/ and test/ optional); --data PATH"
+    summary = "Your own images: class folders, train/ val/ test/ folders or a CSV manifest; --data PATH"
     classes: tuple[str, ...] = ()
     channels = 3
     image_size = (0, 0)
     options = ImageFolderOptions
 
     def locate(self, data: Path | None = None) -> Path:
-        """``data`` (normally given with --data), else ``$CNNKIT_DATA/image-folder``."""
+        """``data`` (normally given with --data; a folder or a .csv manifest), else ``$CNNKIT_DATA/image-folder``."""
+        if data is not None and Path(data).expanduser().is_file():
+            return Path(data).expanduser()
         return find_folder(self.name, data, ["image-folder"], how_to_get=HOW_TO_GET)
 
-    def load(self, data: Path | None = None, **options: Any) -> DatasetSplits:
-        """Both splits: from train/ and test/ when present, else a seeded per-class split."""
+    def layout(self, data: Path | None = None, **options: Any) -> tuple[Layout, dict[str, list[Item]]]:
+        """The layout found and the three splits' files (nothing decoded)."""
         opts = parse_options(self.name, ImageFolderOptions, options, kind="dataset")
-        root = self.locate(data)
-        given = (root / "train").is_dir() and (root / "test").is_dir()
-        parts = {"train": _class_files(root / "train"), "test": _class_files(root / "test")} if given else None
-        everything = _class_files(root) if parts is None else parts["train"]
-        if parts is not None and sorted(parts["test"]) != sorted(parts["train"]):
-            raise DataError(
-                f"{root}: train/ and test/ hold different classes ({', '.join(sorted(parts['train']))} vs "
-                f"{', '.join(sorted(parts['test']))}); give both the same class folders"
-            )
-        all_files = [f for group in (parts.values() if parts else [everything]) for fs in group.values() for f in fs]
-        key = source_key(self.name, all_files, opts.model_dump())
-        return cached_splits(key, self.name, root, lambda: self._decode(root, everything, parts, all_files, opts))
+        layout = find_layout(self.locate(data), opts.path_column, opts.label_column)
+        return layout, assign_splits(layout, opts.val_fraction, opts.test_fraction, opts.seed)
 
-    def _decode(
-        self,
-        root: Path,
-        everything: dict[str, list[Path]],
-        parts: dict[str, dict[str, list[Path]]] | None,
-        all_files: list[Path],
-        opts: ImageFolderOptions,
+    def describe(self, data: Path | None = None, **options: Any) -> dict[str, Any]:
+        """Layout, classes and split sizes from the file names, channels and the commonest size from
+        the images' headers (each one checked, none decoded): what ``cnnkit data info`` shows."""
+        layout, splits = self.layout(data, **options)
+        gray, sizes = _native([path for items in splits.values() for path, _ in items])
+        (height, width), _ = sizes.most_common(1)[0]
+        return {**describe(layout, splits), "channels": 1 if gray else 3, "image_size": [height, width]}
+
+    def load(self, data: Path | None = None, **options: Any) -> DatasetSplits:
+        """train, val and test as the layout gives them or as the seeded split carves them."""
+        from cnnkit._console import warn
+
+        layout, splits = self.layout(data, **options)
+        for note in layout.notes:
+            warn(note)
+        return self._stored(layout, splits, parse_options(self.name, ImageFolderOptions, options, kind="dataset"))
+
+    def load_recorded(
+        self, data: Path | None, split_files: Mapping[str, Sequence[str]], classes: Sequence[str], **options: Any
     ) -> DatasetSplits:
-        gray, sizes = _native(all_files)
-        channels = opts.channels or (1 if gray else 3)
-        size = (opts.image_size, opts.image_size) if opts.image_size else sizes.most_common(1)[0][0]
-        classes = tuple(sorted(everything))
+        """Exactly the files a run recorded in each split (names relative to the data folder), labelled
+        with the run's ``classes``: what eval and resume use, whatever was added to the folder since."""
+        opts = parse_options(self.name, ImageFolderOptions, options, kind="dataset")
+        layout = find_layout(self.locate(data), opts.path_column, opts.label_column)
+        labelled = {printable(str(path.relative_to(layout.root))): name for items in layout.given.values()
+                    for path, name in items}  # fmt: skip
+        recorded = Layout(layout.kind, layout.root, tuple(classes), {}, [])
+        splits: dict[str, list[Item]] = {split: [] for split in SPLITS}
+        for split, names in split_files.items():
+            for name in names:
+                path = layout.root / name
+                if not path.is_file():
+                    raise DataError(
+                        f"{path} is listed in the run's {split} split but is gone; restore it "
+                        "(the run's split files say which images it used)"
+                    )
+                label = labelled.get(name)
+                if label is None or label not in classes:
+                    raise DataError(
+                        f"{path} of the run's {split} split no longer has a class the run knows "
+                        f"({label or 'none'}); restore the folder as it was"
+                    )
+                splits.setdefault(split, []).append((path, label))
+        return self._stored(recorded, splits, opts)
 
-        def tensors(groups: dict[str, list[Path]]) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
-            files = [f for c in classes for f in groups[c]]
-            labels = torch.tensor([i for i, c in enumerate(classes) for _ in groups[c]], dtype=torch.long)
-            return files, decode_images(files, channels, size), labels
+    def _stored(self, layout: Layout, splits: dict[str, list[Item]], opts: ImageFolderOptions) -> DatasetSplits:
+        from cnnkit.data.store import stored_images
 
-        if parts is not None:
-            train_files, train_x, train_y = tensors(parts["train"])
-            test_files, test_x, test_y = tensors(parts["test"])
-        else:
-            files, images, labels = tensors(everything)
-            generator = torch.Generator().manual_seed(opts.seed)
-            test = torch.zeros(len(files), dtype=torch.bool)
-            for label in range(len(classes)):
-                members = (labels == label).nonzero().flatten()
-                count = min(len(members) - 1, max(1, round(len(members) * opts.test_fraction)))
-                test[members[torch.randperm(len(members), generator=generator)[:count]]] = True
-            train_files = [f for f, t in zip(files, test.tolist(), strict=True) if not t]
-            test_files = [f for f, t in zip(files, test.tolist(), strict=True) if t]
-            train_x, train_y, test_x, test_y = images[~test], labels[~test], images[test], labels[test]
-        mean, std = dataset_statistics(train_x)
-        relative = lambda fs: [printable(str(f.relative_to(root))) for f in fs]  # noqa: E731
+        ordered = [(split, item) for split in SPLITS for item in splits.get(split, [])]
+        files = [path for _, (path, _) in ordered]
+        if not splits.get("train"):
+            raise DataError(f"{layout.root}: the train split holds no images; {HOW_TO_GET}")
+        channels, size = opts.channels, opts.image_size
+        if channels is None or size is None:
+            gray, sizes = _native(files)
+            channels = channels or (1 if gray else 3)
+            size = size or min(sizes.most_common(1)[0][0])
+        stored = stored_images(
+            files, size=size, channels=channels, resize=opts.resize, dataset=self.name,
+            stats_count=len(splits["train"]),
+        )  # fmt: skip
+        index = {name: i for i, name in enumerate(layout.classes)}
+        tensors: dict[str, ImageTensors] = {}
+        start = 0
+        for split in SPLITS:
+            items = splits.get(split, [])
+            labels = torch.tensor([index[name] for _, name in items], dtype=torch.long)
+            tensors[split] = ImageTensors(stored.images[start : start + len(items)], labels)
+            start += len(items)
+        relative = lambda items: [printable(str(p.relative_to(layout.root))) for p, _ in items]  # noqa: E731
         return DatasetSplits(
             name=self.name,
-            train=ImageTensors(train_x.contiguous(), train_y),
-            test=ImageTensors(test_x.contiguous(), test_y),
-            classes=tuple(printable(c) for c in classes),
-            source=root,
-            mean=mean,
-            std=std,
-            split_files={"train": relative(train_files), "test": relative(test_files)},
+            train=tensors["train"],
+            test=tensors["test"],
+            val=tensors["val"] if splits.get("val") else None,
+            classes=tuple(layout.classes),
+            source=layout.root,
+            mean=stored.mean,
+            std=stored.std,
+            split_files={split: relative(splits[split]) for split in SPLITS if splits.get(split)},
         )
 
 

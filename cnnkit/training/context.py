@@ -98,6 +98,13 @@ class Run:
     started: bool = False
     _epoch_started_at: float = 0.0
     _local_seen: int = 0
+    _loaders: dict[str, BatchLoader] = field(default_factory=dict)
+    resumes: tuple[Any, ...] = ()
+    """Each resume that extended the run or restarted its rate (``cnnkit.training.optim.Resume``)."""
+    replanned: bool = False
+    """This resume added one: the plan is printed when the schedule is first asked for."""
+    test_report: dict[str, Any] = field(default_factory=dict)
+    """Test metrics of the final and the best weights, measured once the training is over."""
 
     epoch = _InState()
     step = _InState()
@@ -132,9 +139,13 @@ class Run:
         return build_optimizer(model, self.config)
 
     def lr_schedule(self, steps_per_epoch: int) -> Callable[[int], float]:
-        from cnnkit.training.optim import lr_schedule
+        from cnnkit.training.optim import describe_plan, lr_schedule
 
-        return lr_schedule(self.config, steps_per_epoch)
+        if self.replanned and self.strategy.is_main and not self.config.quiet:
+            # Said once, where the steps per epoch are first known: how the rest of the run anneals.
+            print(describe_plan(self.config, steps_per_epoch, self.resumes), flush=True)
+            self.replanned = False
+        return lr_schedule(self.config, steps_per_epoch, self.resumes)
 
     def start(self, optimizer: torch.optim.Optimizer | None) -> None:
         self.optimizer = optimizer
@@ -172,13 +183,23 @@ class Run:
             raise diverged(self.loss, self.epoch, self.lr)
         self.events.emit(Events.ITERATION_COMPLETED, self)
 
+    @property
+    def required_metrics(self) -> tuple[str, ...]:
+        """What every epoch's metrics hold: the training figures and what :meth:`evaluate` returns."""
+        return (*REQUIRED_METRICS, *self._evaluated_keys())
+
+    def _evaluated_keys(self) -> tuple[str, ...]:
+        keys: tuple[str, ...] = ("val_loss", "val_acc") if self.data.val is not None else ()
+        return keys + (("test_loss", "test_acc") if self.config.test_every_epoch else ())
+
     def epoch_completed(self, metrics: Mapping[str, float], examples: int | None = None) -> None:
         metrics, examples = self._reduce_train_metrics(metrics, examples)
-        missing = [key for key in REQUIRED_METRICS if key not in metrics]
+        required = self.required_metrics
+        missing = [key for key in required if key not in metrics]
         if missing:
             raise UsageError(
                 f"trainer '{self.config.trainer}' reported epoch {self.epoch} without {', '.join(missing)}; "
-                f"run.epoch_completed needs {', '.join(REQUIRED_METRICS)}"
+                f"run.epoch_completed needs {', '.join(required)} (pass **run.evaluate(model))"
             )
         if not math.isfinite(float(metrics["train_loss"])):
             raise diverged(float(metrics["train_loss"]), self.epoch, self._current_lr())
@@ -186,7 +207,7 @@ class Run:
         self.seen = examples
         row = {
             "epoch": self.epoch,
-            **{key: float(metrics[key]) for key in REQUIRED_METRICS},
+            **{key: float(metrics[key]) for key in required},
             "lr": float(metrics.get("lr", self._current_lr())),
             "examples_per_s": float(metrics.get("examples_per_s", examples / max(seconds, 1e-9))),
             "epoch_seconds": seconds,
@@ -194,9 +215,19 @@ class Run:
         self.history.append(row)
         self.train_seconds += seconds
         self.train_examples += examples
-        if row["test_acc"] > self.best_acc:
-            self.best_acc, self.best_epoch = row["test_acc"], self.epoch
+        if self.data.val is not None and self._better(row):
+            self.best_acc, self.best_epoch = row["val_acc"], self.epoch
         self.events.emit(Events.EPOCH_COMPLETED, self)
+
+    def _better(self, row: Mapping[str, float]) -> bool:
+        """Whether ``row`` beats the best epoch so far on the monitored validation metric."""
+        if self.best_epoch == 0 or self.best_epoch > len(self.history):
+            return True
+        best = self.history[self.best_epoch - 1].get(self.config.monitor)
+        if best is None:  # the best epoch of a run resumed from before validation splits
+            return True
+        value = row[self.config.monitor]
+        return value < best if self.config.monitor == "val_loss" else value > best
 
     def _reduce_train_metrics(self, metrics: Mapping[str, float], examples: int | None) -> tuple[dict[str, float], int]:
         """Every process reports its own part: the strategy combines them (one process: as given)."""
@@ -213,9 +244,11 @@ class Run:
             return float(self.lr)
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def loader(self, split: Literal["train", "test"]) -> BatchLoader:
+    def loader(self, split: Literal["train", "val", "test"]) -> BatchLoader:
         from cnnkit.data.batches import BatchLoader
 
+        if split in self._loaders:
+            return self._loaders[split]
         config = self.config
         common: dict[str, Any] = {
             "image_size": config.input_size,
@@ -226,19 +259,34 @@ class Run:
             "shard": self.strategy.shard(),  # this process's part of every global batch
         }
         if split == "train":
-            return BatchLoader(
+            loader = BatchLoader(
                 self.data.train, batch_size=config.batch_size, augment=config.augment, shuffle=True,
                 seed=config.seed, drop_last=self.strategy.drop_last(len(self.data.train), config.batch_size),
                 **common,
             )  # fmt: skip
-        return BatchLoader(self.data.test, batch_size=2 * config.batch_size, **common)
+        else:
+            part = self.data.val if split == "val" else self.data.test
+            if part is None:
+                raise UsageError(f"this run has no {split} split (--val-fraction 0)")
+            loader = BatchLoader(part, batch_size=2 * config.batch_size, **common)
+        self._loaders[split] = loader
+        return loader
 
     def evaluate(self, net: nn.Module, loader: Batches | None = None) -> dict[str, float]:
-        batches = loader if loader is not None else self.loader("test")
+        # ``loader``: trainers written for earlier versions passed run.loader("test"); the run now
+        # evaluates its own splits (val; test too with --test-every-epoch), whatever is passed.
+        metrics: dict[str, float] = {}
+        for split in ("val", "test"):
+            if f"{split}_loss" in self._evaluated_keys():
+                loss, accuracy, _ = self.evaluate_split(net, split)
+                metrics |= {f"{split}_loss": loss, f"{split}_acc": accuracy}
+        return metrics
+
+    def evaluate_split(self, net: nn.Module, split: Literal["val", "test"]) -> tuple[float, float, torch.Tensor]:
+        """(mean loss, top-1, confusion matrix) of ``net`` on ``split`` over every process."""
         dtype = self.amp_dtype or torch.bfloat16
         with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp_dtype is not None):
-            loss, accuracy = self.strategy.evaluate(net, batches.epoch(0), len(self.data.classes))
-        return {"test_loss": loss, "test_acc": accuracy}
+            return self.strategy.evaluate(net, self.loader(split).epoch(0), len(self.data.classes))
 
     def result(self) -> RunResult:
         seconds = max(self.train_seconds, 1e-9)

@@ -23,8 +23,6 @@ started (``--out``, or the run directory that recorded the same torchrun run id)
 
 from __future__ import annotations
 
-import contextlib
-import platform
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,8 +30,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnkit._version import __version__
-from cnnkit.checkpoint import WeightsMeta, provider_of
 from cnnkit.config import RESUMABLE_KEYS, TrainConfig
 from cnnkit.errors import CnnkitError, UsageError
 from cnnkit.gpu import out_of_memory_as_usage_error
@@ -44,6 +40,7 @@ from cnnkit.training.context import Run
 from cnnkit.training.events import EventBus, Events, Handler
 from cnnkit.training.launch import launch_resume, launch_train
 from cnnkit.training.process import determinism, first_ctrl_c_only
+from cnnkit.training.record import environment, weights_meta
 from cnnkit.training.state import ResumePoint, RunState, check_resume_point, load_state, restore_rng
 from cnnkit.training.strategy import Strategy
 
@@ -85,12 +82,31 @@ def build_model(config: TrainConfig, data: DatasetSplits) -> nn.Module:
     return model
 
 
-def prepare(config: TrainConfig) -> tuple[nn.Module, DatasetSplits]:
-    """Load the dataset and build the model the config names."""
-    from cnnkit.data import load_dataset
+def prepare(config: TrainConfig, recorded: RunDir | None = None) -> tuple[nn.Module, DatasetSplits]:
+    """Load the dataset and build the model the config names; resuming (``recorded``), the files the
+    run recorded in each split, checked against the sizes it recorded."""
+    from cnnkit.data import load_dataset, load_recorded
 
-    data = load_dataset(config.dataset, config.data, **config.dataset_options)
+    files = recorded.read_split_files() if recorded is not None else {}
+    classes = recorded.environment().get("classes") if recorded is not None else None
+    common: dict[str, Any] = {"input_size": config.input_size, "val_fraction": config.val_fraction}
+    if recorded is not None and files and isinstance(classes, list):
+        data = load_recorded(config.dataset, config.data, files, classes, **common, **config.dataset_options)
+        recorded.check_split_sizes(data.source)
+    else:
+        data = load_dataset(config.dataset, config.data, **common, **config.dataset_options)
     return build_model(config, data), data
+
+
+def with_validation(config: TrainConfig, data: DatasetSplits) -> tuple[DatasetSplits, dict[str, Any] | None]:
+    """The data with the run's val split (the dataset's own, else carved from train), and its record."""
+    from cnnkit.data.validation import carve_validation, validation_record
+
+    data, held = carve_validation(data, config.val_fraction, config.seed)
+    record = validation_record(data, config.val_fraction, config.seed, carved=held is not None)
+    if record is not None and held is not None and "val" not in data.split_files:
+        record["indices"] = held.tolist()  # no file names to list: which training examples, by index
+    return data, record
 
 
 def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -102,52 +118,10 @@ def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def _weights_meta(config: TrainConfig, data: DatasetSplits) -> WeightsMeta:
-    distribution, version = provider_of(config.model)
-    dataset_distribution, dataset_version = provider_of(config.dataset, "dataset")
-    return WeightsMeta(
-        model=config.model, model_options=dict(config.model_options), in_channels=data.channels,
-        num_classes=len(data.classes), input_size=config.input_size, classes=list(data.classes),
-        dataset=config.dataset, dataset_options=dict(config.dataset_options), data=str(data.source.resolve()),
-        mean=list(data.mean) if config.normalize else None, std=list(data.std) if config.normalize else None,
-        model_distribution=distribution, model_distribution_version=version,
-        dataset_distribution=dataset_distribution, dataset_distribution_version=dataset_version,
-    )  # fmt: skip
-
-
-def _environment(config: TrainConfig, data: DatasetSplits, strategy: Strategy, amp: torch.dtype | None) -> dict:
-    """What config.json records of where the run ran (and which distributions provided its parts)."""
-    from cnnkit.registry import DATASETS, MODELS, TRAINERS
-
-    plugins = sorted(
-        {f"{e.distribution} {e.version}".strip() for r in (MODELS, DATASETS, TRAINERS) for e in r.entries().values()}
-        - {f"cnnkit {__version__}"}
-    )
-    providers = {}
-    for kind, registry, name in (("model", MODELS, config.model), ("dataset", DATASETS, config.dataset),
-                                 ("trainer", TRAINERS, config.trainer)):  # fmt: skip
-        with contextlib.suppress(CnnkitError):
-            entry = registry.entry(name)
-            providers[kind] = {"name": name, "distribution": entry.distribution, "version": entry.version or None}
-    return {
-        "cnnkit": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(strategy.device),
-        **strategy.environment(),
-        "amp": str(amp).removeprefix("torch.") if amp else None,
-        "plugins": plugins,
-        "providers": providers,
-        "dataset_source": str(data.source),
-        "train_examples": len(data.train),
-        "test_examples": len(data.test),
-        "classes": list(data.classes),
-    }
-
-
 def _drive(
     config: TrainConfig, folder: RunDir | None, saved: ResumePoint | None, data: DatasetSplits | None,
-    handlers: Iterable[tuple[Events, Handler]], strategy: Strategy,
+    handlers: Iterable[tuple[Events, Handler]], strategy: Strategy, resumes: tuple[Any, ...] = (),
+    replanned: bool = False,
 ) -> RunResult:  # fmt: skip
     from cnnkit.options import parse_options
     from cnnkit.registry import TRAINERS
@@ -160,9 +134,15 @@ def _drive(
     trainer = TRAINERS.get(config.trainer)  # a fresh object per run
     options = parse_options(config.trainer, trainer.options, config.trainer_options, kind="trainer")
     if data is None:
-        model, data = prepare(config)
+        model, data = prepare(config, folder if saved is not None else None)
     else:
         model = build_model(config, data)
+    data, validation = with_validation(config, data)
+    if validation is None and config.patience is not None:
+        raise UsageError(
+            f"--patience {config.patience} stops on the validation split, and this run has none "
+            "(--val-fraction 0); give a --val-fraction above 0, or drop --patience"
+        )
     if saved is not None and folder is not None:
         check_resume_point(folder, saved, model, data)  # the saved run still fits this data and model
     # Files and the console are rank 0's; every rank stops early on the same (reduced) metrics.
@@ -185,10 +165,13 @@ def _drive(
         model.load_state_dict(saved.model)
     model.to(device)
     amp = _amp_dtype(config, device)
+    meta = weights_meta(config, data, validation)
     run = Run(
-        config, run_dir, model, data, device, options, EventBus(), _weights_meta(config, data), strategy=strategy,
-        amp_dtype=amp, resume_from=saved, trainer=trainer, environment=_environment(config, data, strategy, amp),
-        state=RunState.resumed_from(saved) if saved is not None else RunState(),
+        config, run_dir, model, data, device, options, EventBus(), meta, strategy=strategy,
+        amp_dtype=amp, resume_from=saved, trainer=trainer,
+        environment={**environment(config, data, strategy, amp), "validation": validation},
+        state=RunState.resumed_from(saved) if saved is not None else RunState(), resumes=resumes,
+        replanned=replanned,
     )  # fmt: skip
     if run.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -230,8 +213,29 @@ def _drive(
         except BaseException:
             _discard_if_empty(run, created)
             raise
+    run.test_report = _test_report(run, net)
     run.emit(Events.COMPLETED)
     return result
+
+
+def _test_report(run: Run, net: nn.Module) -> dict[str, Any]:
+    """Test, once the training is over: the final weights and the best ones (by validation)."""
+    from cnnkit.checkpoint import load_weights
+
+    def measured(epoch: int, model: nn.Module) -> dict[str, Any]:
+        loss, accuracy, confusion = run.evaluate_split(model, "test")
+        support = confusion.sum(1).tolist()
+        per_class = {name: {"acc": float(confusion[i, i]) / max(n, 1), "support": int(n)}
+                     for i, (name, n) in enumerate(zip(run.data.classes, support, strict=True))}  # fmt: skip
+        return {"epoch": epoch, "test_loss": loss, "test_acc": accuracy, "per_class": per_class}
+
+    report = {"final": measured(run.epoch, net)}
+    if run.best_epoch == run.epoch:
+        report["best"] = report["final"]
+    elif run.best_epoch and run.dir.best.is_file():
+        best, _ = load_weights(run.dir.best, run.device)
+        report["best"] = measured(run.best_epoch, best)
+    return report
 
 
 def _mirror_rank0_save(run: Run) -> None:
@@ -398,6 +402,8 @@ def _resume_in(
     folder: RunDir, overrides: Mapping[str, Any] | None, data: DatasetSplits | None,
     handlers: Iterable[tuple[Events, Handler]], strategy: Strategy,
 ) -> RunResult:  # fmt: skip
+    from cnnkit.training.optim import Resume
+
     config = _resume_config(folder, overrides)
     saved = load_state(folder.state) if folder.holds_resume_point() else None
     if saved is not None and saved.epoch >= config.epochs:
@@ -405,4 +411,12 @@ def _resume_in(
             f"{folder} has already trained {saved.epoch} of {config.epochs} epochs; "
             f"pass --epochs N with N > {saved.epoch} to train it longer"
         )
-    return _drive(config, folder, saved, data, handlers, strategy)
+    # Longer, or a warm restart: the rest of the schedule is re-planned from where the run is.
+    previous = read_run_config(folder.path)
+    resumes = [Resume.from_dict(r) for r in folder.read_record().get("resumes", [])]
+    warm = config.lr != previous.lr  # a restart's repeated RESUMABLE_KEYS carry the saved lr: no restart
+    added = config.epochs != previous.epochs or warm
+    if added:
+        resumes.append(Resume(saved.step if saved else 0, config.epochs, config.lr if warm else None,
+                              previous.epochs, previous.lr))  # fmt: skip
+    return _drive(config, folder, saved, data, handlers, strategy, tuple(resumes), added)

@@ -282,9 +282,10 @@ def check_resume_point(run_dir: RunDir, saved: ResumePoint, model: nn.Module, da
         "channels": meta.in_channels,
         "train examples": recorded.get("train_examples"),
         "test examples": recorded.get("test_examples"),
+        "val examples": recorded.get("val_examples"),
     }
     now = {"classes": list(data.classes), "channels": data.channels, "train examples": len(data.train),
-           "test examples": len(data.test)}  # fmt: skip
+           "test examples": len(data.test), "val examples": len(data.val) if data.val is not None else 0}  # fmt: skip
     changed = [key for key, value in then.items() if value is not None and value != now[key]]
     if changed:
         differences = "; ".join(f"{key} {_short(then[key])} then, {_short(now[key])} now" for key in changed)

@@ -137,12 +137,13 @@ class Strategy:
         ``examples``), the examples and the examples/s. One process: exactly as given."""
         return means, examples, rate
 
-    def evaluate(self, net: nn.Module, batches: Iterator[Any], num_classes: int) -> tuple[float, float]:
-        """(mean loss, top-1) of ``net`` over ``batches`` of every process."""
+    def evaluate(self, net: nn.Module, batches: Iterator[Any], num_classes: int) -> tuple[float, float, torch.Tensor]:
+        """(mean loss, top-1, confusion matrix (true, predicted) on the CPU) of ``net`` over ``batches``
+        of every process."""
         from cnnkit.evaluate import evaluate
 
         result = evaluate(net, batches, num_classes)
-        return result.loss, result.top1
+        return result.loss, result.top1, result.confusion.cpu()
 
     def from_rank0(self, decide: Callable[[], T]) -> T:
         """``decide()`` on rank 0 only, its value given to every rank."""
@@ -223,7 +224,7 @@ class DistributedDataParallelStrategy(Strategy):
         total = int(round(sums[-2]))
         return {key: value / max(total, 1) for key, value in zip(keys, sums, strict=False)}, total, sums[-1]
 
-    def evaluate(self, net: nn.Module, batches: Iterator[Any], num_classes: int) -> tuple[float, float]:
+    def evaluate(self, net: nn.Module, batches: Iterator[Any], num_classes: int) -> tuple[float, float, torch.Tensor]:
         """Each process evaluates its part with the bare module (a DDP forward would wait for the
         others, whose parts may have one batch fewer) and rank 0's BatchNorm statistics, the ones
         the checkpoint saves; the sums are then added over the processes."""
@@ -239,13 +240,15 @@ class DistributedDataParallelStrategy(Strategy):
                 if buffer.is_floating_point() or buffer.dtype == torch.long:
                     dist.broadcast(buffer, src=0)
         first = next(batches, None)
-        loss_sum = correct = count = 0.0
+        confusion = torch.zeros((num_classes, num_classes), dtype=torch.long)
+        loss_sum = 0.0
         if first is not None:
             result = evaluate(bare, itertools.chain([first], batches), num_classes)
-            count = float(result.examples)
-            loss_sum, correct = result.loss * count, float(result.confusion.diagonal().sum())
-        loss_sum, correct, count = self.sum([loss_sum, correct, count])
-        return loss_sum / max(count, 1.0), correct / max(count, 1.0)
+            loss_sum, confusion = result.loss * result.examples, result.confusion.cpu().long()
+        sums = self.sum([loss_sum, *confusion.flatten().tolist()])
+        total = torch.tensor(sums[1:], dtype=torch.float64).round().long().view(num_classes, num_classes)
+        count = max(float(total.sum()), 1.0)
+        return sums[0] / count, float(total.diagonal().sum()) / count, total
 
     def from_rank0(self, decide: Callable[[], T]) -> T:
         """An expected error on rank 0 is raised on every rank (so no rank waits for a value that

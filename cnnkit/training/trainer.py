@@ -50,14 +50,14 @@ class StandardTrainer:
     options = StandardOptions
 
     def fit(self, model: nn.Module, data: DatasetSplits, config: TrainConfig, run: TrainingRun) -> RunResult:
-        """Train for ``config.epochs`` (from the resume point), evaluating on the test split each epoch."""
+        """Train for ``config.epochs`` (from the resume point), evaluating on the val split each epoch."""
         options = cast(StandardOptions, run.options)
         device = run.device
         optimizer = run.build_optimizer(model)
         run.start(optimizer)
         # torch.compile returns a callable wrapper; it is used like the module it wraps.
         net = cast(nn.Module, torch.compile(model)) if config.compile else model
-        train, test = run.loader("train"), run.loader("test")
+        train = run.loader("train")
         steps_per_epoch = len(train)
         lr_at = run.lr_schedule(steps_per_epoch)
         scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype is torch.float16)
@@ -95,7 +95,7 @@ class StandardTrainer:
                     _check_finite(run, step_losses[:steps], lr_at)
                     run.iteration_completed(seen, float(step_losses[:steps].mean()))
                     next_report = time.perf_counter() + options.report_every
-            # End of the epoch: one sync for the training sums, then evaluate on the test split.
+            # End of the epoch: one sync for the training sums, then evaluate on the val split.
             _check_finite(run, step_losses[:steps], lr_at)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -105,7 +105,7 @@ class StandardTrainer:
             # Checkpoints, metrics.csv, curves, progress and early stopping all listen to this
             # (distributed: this rank's figures, which run.epoch_completed reduces over the ranks).
             run.epoch_completed(
-                {"train_loss": train_loss, "train_acc": int(correct) / seen, **run.evaluate(net, test),
+                {"train_loss": train_loss, "train_acc": int(correct) / seen, **run.evaluate(net),
                  "lr": run.lr, "examples_per_s": seen / seconds, "epoch_seconds": seconds},
                 examples=seen,
             )  # fmt: skip

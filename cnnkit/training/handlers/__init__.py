@@ -5,7 +5,7 @@ done by one handler of this package, one handler a module:
 
 | handler        | module         | listens to                         | writes                        |
 |----------------|----------------|------------------------------------|-------------------------------|
-| RunFiles       | files          | STARTED                            | config.json, split_*.txt      |
+| RunFiles       | files          | STARTED, COMPLETED                 | config.json, split_*, test.json |
 | Checkpointer   | checkpoints    | EPOCH_COMPLETED                    | best/last.safetensors, state  |
 | MetricsCSV     | metrics        | EPOCH_COMPLETED                    | metrics.csv                   |
 | CurvesPlot     | curves         | EPOCH_COMPLETED                    | curves.png                    |

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from cnnkit.config import describe_config
 from cnnkit.training.events import Events, Handler
-from cnnkit.training.handlers.lines import closing_lines, epoch_line
+from cnnkit.training.handlers.lines import closing_lines, epoch_line, per_class_lines
 
 if TYPE_CHECKING:
     from cnnkit.training.context import Run
@@ -76,7 +76,8 @@ class Console:
         amp = f" · amp {str(run.amp_dtype).removeprefix('torch.')}" if run.amp_dtype else ""
         self._print(describe_config(run.config), " · ")
         self._print(
-            f"{data.name}: {len(data.train)} train / {len(data.test)} test, {len(data.classes)} classes · "
+            f"{data.name}: {len(data.train)} train / {len(data.val) if data.val is not None else 0} val / "
+            f"{len(data.test)} test, {len(data.classes)} classes · "
             f"{run.device}{amp}{' · compiled' if run.config.compile else ''} · {where}",
             " · ",
         )
@@ -112,6 +113,9 @@ class Console:
 
     def completed(self, run: Run) -> None:
         self.stop(run)
+        if not self.quiet:
+            for line in per_class_lines(run):
+                print(line, flush=True)
         for line in closing_lines(run):
             self._print(line)
 

@@ -16,7 +16,7 @@ __all__ = ["CurvesPlot"]
 
 
 class CurvesPlot:
-    """curves.png: loss (left) and accuracy (right) per epoch, train and test, the best epoch marked.
+    """curves.png: loss (left) and accuracy (right) per epoch, train, val (and test when measured), the best epoch marked.
 
     Two panels, because a loss of 50 and an accuracy of 0.9 share no useful scale; the loss axis
     turns logarithmic when the loss spans more than a factor of 20 (a wild first epoch).
@@ -66,28 +66,31 @@ class CurvesPlot:
         figure = Figure(figsize=(8.0, 3.4), dpi=120, layout="constrained")
         self._canvas(figure)
         loss_axes, acc_axes = figure.subplots(1, 2, sharex=True)
-        # Train and test differ in colour, line style and marker, so the plot survives greyscale.
+        # The splits differ in colour, line style and marker, so the plot survives greyscale.
         styles = {"train": {"color": "C0", "linestyle": "-", "marker": "o"},
+                  "val": {"color": "C2", "linestyle": "-.", "marker": "^"},
                   "test": {"color": "C1", "linestyle": "--", "marker": "s"}}  # fmt: skip
-        for split, style in styles.items():
+        shown = [split for split in styles if history and all(f"{split}_loss" in row for row in history)]
+        for split in shown:
+            style = styles[split]
             loss_axes.plot(epochs, [row[f"{split}_loss"] for row in history], markersize=3, label=split, **style)
             acc_axes.plot(epochs, [row[f"{split}_acc"] for row in history], markersize=3, label=split, **style)
 
-        losses = [row[key] for row in history for key in ("train_loss", "test_loss") if row[key] > 0]
+        losses = [row[f"{split}_loss"] for row in history for split in shown if row[f"{split}_loss"] > 0]
         if losses and max(losses) / min(losses) > self.LOG_SCALE_RATIO:
             loss_axes.set_yscale("log")
             loss_axes.set_ylabel("loss (log scale)")
         else:
             loss_axes.set_ylabel("loss")
         acc_axes.set_ylabel("accuracy")
-        accuracies = [row[key] for row in history for key in ("train_acc", "test_acc")]
+        accuracies = [row[f"{split}_acc"] for row in history for split in shown]
         acc_axes.set_ylim(max(0.0, min(accuracies) - 0.05), min(1.0, max(accuracies) + 0.05) + 0.005)
 
         if run.best_epoch:
             for axes in (loss_axes, acc_axes):
                 axes.axvline(run.best_epoch, color="0.5", linestyle=":", linewidth=1, zorder=0)
             acc_axes.plot([run.best_epoch], [run.best_acc], marker="*", markersize=12, color="C3", linestyle="none",
-                          label=f"best test {run.best_acc:.3f} (epoch {run.best_epoch})")  # fmt: skip
+                          label=f"best val {run.best_acc:.3f} (epoch {run.best_epoch})")  # fmt: skip
 
         last = max(run.config.epochs, epochs[-1] if epochs else 1, 2)
         for axes in (loss_axes, acc_axes):

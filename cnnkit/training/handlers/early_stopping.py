@@ -1,4 +1,4 @@
-"""EarlyStopping: ends the run after ``patience`` epochs without a better test accuracy."""
+"""EarlyStopping: ends the run after ``patience`` epochs without a better validation metric (``config.monitor``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ __all__ = ["EarlyStopping"]
 
 
 class EarlyStopping:
-    """Stops the run after ``patience`` epochs without a better test accuracy."""
+    """Stops the run after ``patience`` epochs without a better validation metric (``config.monitor``)."""
 
     def __init__(self, patience: int) -> None:
         self.patience = patience

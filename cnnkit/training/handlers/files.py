@@ -13,14 +13,19 @@ __all__ = ["RunFiles"]
 
 
 class RunFiles:
-    """config.json (the resolved config and the environment it ran in) and the split files."""
+    """config.json (the resolved config and the environment it ran in), the split files, and test.json
+    (the test metrics of the final and the best weights) at the end."""
 
     def attach(self) -> list[tuple[Events, Handler]]:
-        return [(Events.STARTED, self.started)]
+        return [(Events.STARTED, self.started), (Events.COMPLETED, self.completed)]
+
+    def completed(self, run: Run) -> None:
+        if run.test_report:
+            run.dir.write_test_report(run.test_report)
 
     def started(self, run: Run) -> None:
         run.dir.remove_stale_temporaries()
         # The record names the folder the run is in, also when --out was not given.
         config = run.config.model_copy(update={"out": str(run.dir)}).model_dump(mode="json")
-        run.dir.write_record(config, run.environment)
-        run.dir.write_split_files(run.data.split_files)
+        run.dir.write_record(config, run.environment, [r.to_dict() for r in run.resumes])
+        run.dir.write_split_files(run.data.split_files, run.data.source)

@@ -12,12 +12,20 @@ from cnnkit.training.events import Events, Handler
 if TYPE_CHECKING:
     from cnnkit.training.context import Run
 
-__all__ = ["METRIC_COLUMNS", "MetricsCSV"]
+__all__ = ["METRIC_COLUMNS", "MetricsCSV", "metric_columns"]
 
 METRIC_COLUMNS = (
-    "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "examples_per_s", "epoch_seconds",
+    "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "examples_per_s",
+    "epoch_seconds",
 )  # fmt: skip
-"""The columns of metrics.csv, in order."""
+"""The columns metrics.csv may have, in order: val_* when the run has a val split, test_* with
+--test-every-epoch (and in runs from before validation splits)."""
+
+
+def metric_columns(history: list[dict[str, float]]) -> list[str]:
+    """The columns of ``history``'s rows, in :data:`METRIC_COLUMNS` order."""
+    present = set().union(*history) if history else set()
+    return [column for column in METRIC_COLUMNS if column in present]
 
 
 class MetricsCSV:
@@ -28,8 +36,9 @@ class MetricsCSV:
 
     def write(self, run: Run) -> None:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+        columns = metric_columns(run.history)
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for row in run.history:
-            writer.writerow({k: (int(row[k]) if k == "epoch" else f"{row[k]:.6g}") for k in METRIC_COLUMNS})
+            writer.writerow({k: (int(row[k]) if k == "epoch" else f"{row[k]:.6g}") if k in row else "" for k in columns})
         write_text(run.dir.metrics, buffer.getvalue())
