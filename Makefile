@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.cnnkit-installed
 # Real data: Debian's dataset-fashion-mnist package, else ../shared/datasets beside a checkout.
 export CNNKIT_DATA ?= $(firstword $(wildcard ../shared/datasets) $(HOME)/.cache/cnnkit/datasets)
 
-.PHONY: demo test bench gpu-check docs lint clean install
+.PHONY: demo test bench gpu-check gpu-wheels docs lint clean install
 
 install: $(STAMP)
 
@@ -30,10 +30,25 @@ bench: $(STAMP)
 	$(BIN)/python bench/loop.py
 	$(BIN)/python bench/onnx_latency.py
 
-# On a CUDA machine: pytest -m cuda, loop benchmarks, a timed train, 10-epoch accuracy runs, in at
-# most 8 minutes; writes bench/results/gpu-check.md. Without CUDA: a short dry run of the same code.
+# On a CUDA machine: pytest -m cuda, loop benchmarks, a timed train, AMP/channels-last, peers,
+# 10-epoch accuracy runs, in at most 8 minutes; writes bench/results/gpu-check.md. Without CUDA: a
+# short dry run of the same code. With GPU_PYTHON (a Python that has torch; no registry needed):
+# that Python as it is, plus a venv beside it (GPU_VENV) of the wheels from `make gpu-wheels`, all
+# under 9 minutes (scripts/gpu_env.py). Without GPU_PYTHON: the .venv built with pip, as ever.
+GPU_WHEELS ?= .gpu-wheels
+GPU_VENV   ?= .gpu-venv
+ifdef GPU_PYTHON
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_env.py --venv $(GPU_VENV) --wheels $(GPU_WHEELS) -- scripts/gpu_check.py $(GPU_CHECK_ARGS)
+else
 gpu-check: $(STAMP)
 	$(BIN)/python scripts/gpu_check.py $(GPU_CHECK_ARGS)
+endif
+
+# Where a registry is reachable: the wheels gpu-check GPU_PYTHON=... needs (CPython 3.12 manylinux
+# x86_64 and this machine's Python), resolved from pyproject.toml; at most 40 MiB (scripts/gpu_wheels.py).
+gpu-wheels: $(STAMP)
+	$(BIN)/python scripts/gpu_wheels.py --out $(GPU_WHEELS)
 
 # Static checks for developers (not part of `make test`): pyflakes-class errors, imports, types.
 lint: $(STAMP)
