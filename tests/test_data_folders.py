@@ -162,10 +162,13 @@ def test_image_folder_mixed_modes_and_sizes(tmp_path: Path) -> None:
     (root / "square" / "notes.txt").write_text("ignored")
     splits = load_dataset("image-folder", root)
     assert splits.classes == ("circle", "square")
-    assert splits.train.images.shape[1:] == (3, 10, 12)  # RGB present -> 3 channels; most common H x W
-    assert len(splits.train) + len(splits.test) == 21
+    # RGB present -> 3 channels; the most common size's shorter side, square (a centre crop)
+    assert splits.train.images.shape[1:] == (3, 10, 10)
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 21
     assert torch.bincount(splits.test.labels).tolist() == [1, 1]  # 10% of each class, at least one
-    square = torch.cat([splits.train.images[splits.train.labels == 1], splits.test.images[splits.test.labels == 1]])
+    assert torch.bincount(splits.val.labels).tolist() == [1, 1]
+    parts = (splits.train, splits.val, splits.test)
+    square = torch.cat([part.images[part.labels == 1] for part in parts])
     assert (square.float().mean((1, 2, 3)) - 200).abs().max() < 3
     gray = load_dataset("image-folder", root, channels=1, image_size=16)
     assert gray.train.images.shape[1:] == (1, 16, 16) and gray.channels == 1
@@ -185,7 +188,9 @@ def test_image_folder_train_test_subfolders(tmp_path: Path) -> None:
             for i in range(count):
                 _save(root / split / cls / f"{i}.jpeg", "L", (5, 5), value)
     splits = load_dataset("image-folder", root)
-    assert len(splits.train) == 8 and len(splits.test) == 4 and splits.classes == ("cat", "dog")
+    # val is carved from train (1 of each class's 4), test is the given folder
+    assert len(splits.train) == 6 and len(splits.val) == 2 and len(splits.test) == 4
+    assert splits.classes == ("cat", "dog")
     assert splits.split_files["test"][0] == str(Path("test") / "cat" / "0.jpeg")
     assert splits.test.labels.tolist() == [0, 0, 1, 1]
 
@@ -202,6 +207,7 @@ def test_image_folder_corrupt_image_is_a_data_error(tmp_path: Path) -> None:
     for cls in ("a", "b"):
         _save(tmp_path / "r" / cls / "0.png", "L", (4, 4), 1)
         _save(tmp_path / "r" / cls / "1.png", "L", (4, 4), 1)
+        _save(tmp_path / "r" / cls / "2.png", "L", (4, 4), 1)
     (tmp_path / "r" / "b" / "1.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match=r"1\.png is not a readable image"):
         load_dataset("image-folder", tmp_path / "r")

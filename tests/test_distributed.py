@@ -140,7 +140,7 @@ def rows(run: Path) -> list[dict[str, float]]:
 def assert_same_metrics(got: list[dict[str, float]], want: list[dict[str, float]]) -> None:
     assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
     for a, b in zip(got, want, strict=True):
-        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
             assert a[key] == pytest.approx(b[key], abs=TOLERANCE), (a["epoch"], key)
 
 
@@ -156,7 +156,7 @@ def one_process(site: Path, data: Path, tmp_path_factory: pytest.TempPathFactory
         history = train(config).history
     finally:
         torch.set_num_threads(before)
-    assert history[-1]["test_acc"] > 0.3  # it learns (chance is 0.1), so equal figures mean something
+    assert history[-1]["val_acc"] > 0.3  # it learns (chance is 0.1), so equal figures mean something
     return rows(out)
 
 
@@ -197,7 +197,7 @@ def test_two_processes_match_one_and_a_restart_continues_the_run(
     assert record["config"]["batch_size"] == 32  # the global batch, as given
     assert sorted(p.name for p in run.iterdir()) == sorted(
         ["best.safetensors", "config.json", "curves.png", "last.safetensors", "log.txt", "metrics.csv",
-         "state.safetensors"]
+         "state.safetensors", "test.json"]
     )  # fmt: skip
 
 

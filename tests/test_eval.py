@@ -131,7 +131,8 @@ def fake_datasets(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any, dict[
     """Serve tiny datasets through cnnkit.data.load_dataset; records every call."""
     calls: list[tuple[str, Any, dict[str, Any]]] = []
 
-    def load_dataset(name: str, data: Any = None, **options: Any) -> DatasetSplits:
+    def load_dataset(name: str, data: Any = None, *, input_size: int | None = None, **options: Any) -> DatasetSplits:
+        assert input_size is not None  # eval asks for the weights' input size (image folders decode at it)
         calls.append((name, data, options))
         return tiny_dataset(3 if name == "tiny-rgb" else 1, name)
 
