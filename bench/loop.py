@@ -28,37 +28,55 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 
-def _bare_epoch(model: Any, loader: Any, config: Any, epoch: int, amp_dtype: Any) -> tuple[float, int]:
-    """The shortest correct loop: set lr, forward, loss, backward, step. Returns (seconds, examples)."""
+def bare_epochs(
+    model: Any, batches: Callable[[int], Iterable[Any]], steps_per_epoch: int, config: Any, epochs: Iterable[int],
+    amp_dtype: Any,
+) -> list[tuple[float, int]]:  # fmt: skip
+    """The shortest correct loop: set lr, forward, loss, backward, step; one optimiser for all of
+    ``epochs``, whose batches ``batches(epoch)`` yields. Returns (seconds, examples) per epoch.
+
+    bench/peers.py runs it over pre-built batches (a list per epoch); :func:`_bare_epoch` here over
+    cnnkit's BatchLoader."""
     import torch
     import torch.nn.functional as F
 
     from cnnkit.training.optim import build_optimizer, lr_schedule
 
     optimizer = build_optimizer(model, config)
-    lr_at = lr_schedule(config, len(loader))  # the same learning rates, so the same numerics
+    lr_at = lr_schedule(config, steps_per_epoch)  # the same learning rates, so the same numerics
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)  # fp16 needs one to be correct
     model.train()
-    seen = 0
-    start = time.perf_counter()
-    for step, (images, labels) in enumerate(loader.epoch(epoch)):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            loss = F.cross_entropy(model(images).float(), labels, label_smoothing=config.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        seen += labels.shape[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, seen
+    step = 0
+    timed: list[tuple[float, int]] = []
+    for epoch in epochs:
+        seen = 0
+        start = time.perf_counter()
+        for images, labels in batches(epoch):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                loss = F.cross_entropy(model(images).float(), labels, label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            seen += labels.shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timed.append((time.perf_counter() - start, seen))
+    return timed
+
+
+def _bare_epoch(model: Any, loader: Any, config: Any, epoch: int, amp_dtype: Any) -> tuple[float, int]:
+    """One epoch of :func:`bare_epochs` over ``loader`` (cnnkit's BatchLoader). Returns (seconds, examples)."""
+    return bare_epochs(model, loader.epoch, len(loader), config, [epoch], amp_dtype)[0]
 
 
 class _SeedDataset:
