@@ -16,6 +16,7 @@ partial batch) is weighted so that it still is.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import cast
@@ -61,7 +62,10 @@ class StandardTrainer:
         steps_per_epoch = len(train)
         lr_at = run.lr_schedule(steps_per_epoch)
         scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype is torch.float16)
-        autocast = torch.autocast(device.type, dtype=run.amp_dtype or torch.bfloat16, enabled=run.amp_dtype is not None)
+        # Without AMP no autocast context at all: entering a disabled one still costs ~7 us a step.
+        autocast = (
+            torch.autocast(device.type, dtype=run.amp_dtype) if run.amp_dtype is not None else contextlib.nullcontext()
+        )
         for epoch in run.epochs():
             step_losses = torch.zeros(steps_per_epoch, device=device)
             correct = torch.zeros((), dtype=torch.long, device=device)
