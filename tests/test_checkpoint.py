@@ -139,6 +139,7 @@ def _kill_while_writing(tmp_path: Path, target: Path, delays: tuple[float, ...],
     return problems
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_never_leaves_a_broken_file(tmp_path: Path) -> None:
     target = tmp_path / "big.safetensors"
     assert _kill_while_writing(tmp_path, target, (0.05, 0.13, 0.31)) == []

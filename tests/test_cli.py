@@ -107,6 +107,7 @@ def test_python_dash_m_works() -> None:
     assert proc.returncode == 0 and __version__ in proc.stdout
 
 
+@pytest.mark.slow
 def test_broken_plugin_on_sys_path_only_warns(tmp_path: Path) -> None:
     """A third-party distribution found through a dist-info folder, whose code is broken."""
     make_distribution(

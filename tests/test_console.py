@@ -91,6 +91,7 @@ def screen(data: bytes, columns: int) -> list[str]:
     return ["".join(line).rstrip() for line in rows]
 
 
+@pytest.mark.slow
 def test_bar_is_drawn_on_a_terminal_stderr_while_stdout_goes_to_a_pipe(tmp_path: Path) -> None:
     data = write_idx_folder(tmp_path / "fmnist", train=640, test=64)
     args = train_args(data, "--out", str(tmp_path / "run"), "--epochs", "2", "-t", "report_every=0.01")
@@ -108,6 +109,7 @@ def test_bar_is_drawn_on_a_terminal_stderr_while_stdout_goes_to_a_pipe(tmp_path:
     assert not any("━" in line for line in screen(terminal, 100))
 
 
+@pytest.mark.slow
 def test_on_a_narrow_terminal_lines_break_between_fields(tmp_path: Path) -> None:
     data = write_idx_folder(tmp_path / "fmnist", train=320, test=32)
     args = train_args(data, "--out", str(tmp_path / "run"), "--epochs", "2")
@@ -123,6 +125,7 @@ def test_on_a_narrow_terminal_lines_break_between_fields(tmp_path: Path) -> None
     assert re.search(r"val acc \d\.\d{3}", fields) and re.search(r"\d+ ex/s", fields)
 
 
+@pytest.mark.slow
 def test_without_a_terminal_no_control_codes(runner, idx_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     args = train_args(idx_data, "--out", str(tmp_path / "run"))
     args.remove("-q")
@@ -155,7 +158,8 @@ def test_logs_get_a_progress_line_during_long_epochs(tmp_path: Path, capsys: pyt
 
 @pytest.mark.parametrize(
     "args",
-    [["eval", "{run}", "--device", "cpu"], ["eval", "{run}", "--device", "cpu", "--format", "json"], ["list", "models"]],
+    [pytest.param(["eval", "{run}", "--device", "cpu"], marks=pytest.mark.slow),
+     pytest.param(["eval", "{run}", "--device", "cpu", "--format", "json"], marks=pytest.mark.slow), ["list", "models"]],
     ids=["eval-table", "eval-json", "list"],
 )  # fmt: skip
 def test_closed_stdout_exits_0_silently(args: list[str], trained: tuple[Path, Path]) -> None:

@@ -179,6 +179,7 @@ def restarted(
     return found[0], done
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_a_restart_continues_the_run(
     restarted: tuple[Path, subprocess.CompletedProcess[str]], one_process: list[dict[str, float]]
 ) -> None:
@@ -201,6 +202,7 @@ def test_two_processes_match_one_and_a_restart_continues_the_run(
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_two_process_run_resumes_in_one_process(
     runner, restarted: tuple[Path, subprocess.CompletedProcess[str]], one_process: list[dict[str, float]],  # type: ignore[no-untyped-def]
     tmp_path: Path,
@@ -214,6 +216,7 @@ def test_a_two_process_run_resumes_in_one_process(
     assert record["environment"]["world_size"] == 1 and record["environment"]["backend"] is None
 
 
+@pytest.mark.slow
 def test_a_failing_rank_ends_an_nproc_job_with_its_error_and_exit_code(
     site: Path, data: Path, tmp_path: Path, one_process: list[dict[str, float]]
 ) -> None:

@@ -142,6 +142,7 @@ def fake_datasets(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any, dict[
     return calls
 
 
+@pytest.mark.slow
 def test_eval_reproduces_the_recorded_test_accuracy(
     tmp_path: Path, runner: Any, fake_datasets: list[Any]
 ) -> None:

@@ -105,6 +105,7 @@ def _kill_when(process: subprocess.Popen[bytes], path: Path, then: float) -> Non
     process.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_ends_equal_to_an_uninterrupted_run(runner: Any, data: Path, tmp_path: Path) -> None:
     epochs = faults.EPOCHS
     reference = tmp_path / "reference"
@@ -265,6 +266,7 @@ def test_parallel_processes_get_distinct_run_numbers(tmp_path: Path) -> None:
     assert sorted(int(Path(p).name) for p in claimed) == list(range(1, 25))
 
 
+@pytest.mark.slow
 def test_two_loads_filling_one_cache_entry(tmp_path: Path) -> None:
     ws = faults.Workspace(tmp_path / "ws")
     trial = faults.two_loads_one_cache(ws)

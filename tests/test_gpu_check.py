@@ -71,6 +71,7 @@ def test_dry_run_runs_every_part_and_reports_to_a_temporary_file(
     path.parent.rmdir()
 
 
+@pytest.mark.slow
 def test_a_part_past_its_limit_is_stopped_with_what_it_started(gpu_check: ModuleType) -> None:
     # The part starts a grandchild; the limit must stop both (the whole process group).
     code = (

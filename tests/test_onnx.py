@@ -182,8 +182,9 @@ def assert_same_predictions(got: list[dict[str, Any]], expected: list[dict[str, 
 # -- every model ------------------------------------------------------------------------------------
 
 
-# Their 4096-unit classifiers make 170-190 MB files: a few seconds each, still run by `make test`.
-SLOW = {"alexnet", "vgg11", "vgg16"}
+# Their 4096-unit classifiers make 170-190 MB files, and the ResNets and DenseNet-121 trace and
+# compare for over 2 s: still run by `make test`.
+SLOW = {"alexnet", "vgg11", "vgg16", "resnet18", "resnet50", "densenet121"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in MODELS])

@@ -59,6 +59,7 @@ def test_the_old_run_evaluates(runner: CliRunner, old_run: tuple[Path, Path]) ->
 
 
 @pytest.mark.usefixtures("one_thread")
+@pytest.mark.slow
 def test_the_old_run_resumes_to_where_its_uninterrupted_twin_ended(runner: CliRunner, old_run: tuple[Path, Path]) -> None:
     run, _ = old_run
     result = runner.invoke(app, ["train", "--resume", str(run), "-q"])

@@ -165,6 +165,7 @@ def test_the_plan_line_names_the_steps_and_lrs() -> None:
 
 
 @pytest.mark.usefixtures("one_thread")
+@pytest.mark.slow
 def test_resuming_a_finished_onecycle_run_with_more_epochs_does_not_jump(tmp_path: Path) -> None:
     from cnnkit.training.run import resume, train
 

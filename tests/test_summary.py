@@ -157,6 +157,7 @@ print("real", torch._dynamo.__file__.endswith("__init__.py"), all(f.__dynamo_dis
 """
 
 
+@pytest.mark.slow
 def test_meta_pass_skips_the_dynamo_import_and_leaves_torch_as_it_was() -> None:
     proc = subprocess.run([sys.executable, "-c", _DYNAMO_CHECK], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

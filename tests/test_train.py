@@ -63,6 +63,7 @@ def without_timing(history: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
 
 
+@pytest.mark.slow
 def test_loss_falls_and_accuracy_rises_on_learnable_data(tmp_path: Path) -> None:
     result = fit(tiny_config(tmp_path, epochs=4))
     first, last = result.history[0], result.history[-1]
@@ -176,6 +177,7 @@ def test_two_deterministic_runs_are_identical(tmp_path: Path) -> None:
     assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
 
 
+@pytest.mark.slow
 def test_resume_from_an_epoch_boundary_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     options = {"deterministic": True, "epochs": 4, "schedule": "cosine", "warmup": 1.0}
     whole = fit(tiny_config(tmp_path, "whole", **options))

@@ -39,6 +39,7 @@ def tiny_args(data: Path, *extra: str) -> list[str]:
             *extra]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_train_numbers_runs_and_eval_reads_the_weights(runner, idx_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     runs = tmp_path / "runs"
     result = runner.invoke(app, tiny_args(idx_data, "--epochs", "2", "--runs-dir", str(runs)))
@@ -138,6 +139,7 @@ def _wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 60) -
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_last_and_exits_130(idx_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     process = _start(tiny_args(idx_data, "--epochs", "1000", "--out", str(out), "-q"))
@@ -154,6 +156,7 @@ def test_ctrl_c_saves_last_and_exits_130(idx_data: Path, tmp_path: Path) -> None
     assert f"end of epoch {saved.epoch}" in stderr
 
 
+@pytest.mark.slow
 def test_repeated_ctrl_c_during_the_save_does_not_corrupt_it(idx_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     process = _start(tiny_args(idx_data, "--epochs", "1000", "--out", str(out), "-q"))
@@ -170,6 +173,7 @@ def test_repeated_ctrl_c_during_the_save_does_not_corrupt_it(idx_data: Path, tmp
     assert meta.epoch is not None and load_state(out / STATE_NAME).epoch >= 1
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_leaves_loadable_checkpoints(idx_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     chance = random.Random(1234)
@@ -187,6 +191,7 @@ def test_sigkill_at_random_moments_leaves_loadable_checkpoints(idx_data: Path, t
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_lenet_bn_one_epoch_on_real_fashion_mnist(runner, real_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "run"
     args = ["train", "lenet_bn", "--data", str(real_data / "fashion-mnist"), "--epochs", "1", "--out", str(out)]

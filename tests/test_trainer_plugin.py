@@ -108,6 +108,7 @@ def test_plugin_trainer_is_listed_with_its_options(runner, plugin_root: Path) ->
     assert "written from docs/plugins.md" in line and "pause=0.0" in line and "cnnkit-plain" in line
 
 
+@pytest.mark.slow
 def test_plugin_trainer_trains_gets_a_run_directory_and_resumes(runner, plugin_root: Path, idx_data: Path,  # type: ignore[no-untyped-def]
                                                                 tmp_path: Path) -> None:  # fmt: skip
     out = tmp_path / "run"
@@ -159,6 +160,7 @@ def test_trainer_options_are_validated_by_the_trainer(runner, plugin_root: Path,
     assert not (tmp_path / "run").exists()  # rejected before any directory was made
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_plugin_trainer_exits_130_resumably(plugin_root: Path, idx_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_root), os.environ.get("PYTHONPATH", "")]),
