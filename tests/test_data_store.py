@@ -19,7 +19,7 @@ from PIL import Image
 
 import cnnkit._decode_pool as decode_pool
 from cnnkit.cli.app import app
-from cnnkit.data import store
+from cnnkit.data import store, store_build
 from cnnkit.data.cache import dataset_statistics
 from cnnkit.data.store import stored_images, stores_folder
 from cnnkit.errors import CnnkitError, DataError
@@ -215,7 +215,7 @@ def test_the_pool_decodes_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     expected = torch.stack([torch.from_numpy(read_image_square(f, 3, 16, "squash")) for f in files])
     monkeypatch.setattr(store, "POOL_MIN_FILES", 0)
     monkeypatch.setattr(store, "CHUNK_BYTES", 3 * 16 * 16 * 3)  # 3 files per task: 7 tasks
-    monkeypatch.setattr(store, "_workers", lambda: 2)
+    monkeypatch.setattr(store_build, "_workers", lambda: 2)
     result = load(files, resize="squash", stats_count=13)
     assert torch.equal(result.images, expected)
     mean, std = dataset_statistics(expected[:13])
@@ -232,7 +232,7 @@ def test_a_file_that_fails_mid_build_is_named_and_leaves_nothing(
     monkeypatch.setattr(store, "CHUNK_BYTES", 2 * 16 * 16 * 3)
     if pool:
         monkeypatch.setattr(store, "POOL_MIN_FILES", 0)
-        monkeypatch.setattr(store, "_workers", lambda: 2)
+        monkeypatch.setattr(store_build, "_workers", lambda: 2)
     with pytest.raises(DataError, match="010.png is not a readable image") as caught:
         load(files)
     assert caught.value.exit_code == 3
@@ -243,7 +243,7 @@ def test_an_interrupted_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest
     files = images(tmp_path / "imgs", 12)
     monkeypatch.setattr(store, "CHUNK_BYTES", 2 * 16 * 16 * 3)
     calls: list[int] = []
-    original = store._write_chunk
+    original = store_build._write_chunk
 
     def interrupted(handle, pixels):  # type: ignore[no-untyped-def]
         calls.append(1)
@@ -251,7 +251,7 @@ def test_an_interrupted_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest
             raise KeyboardInterrupt
         original(handle, pixels)
 
-    monkeypatch.setattr(store, "_write_chunk", interrupted)
+    monkeypatch.setattr(store_build, "_write_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
         load(files)
     assert entries() == []
@@ -265,7 +265,7 @@ def test_disk_full_falls_back_to_memory_with_one_warning(
     monkeypatch.setenv("CNNKIT_CACHE", str(tmp_path / "full-cache"))
     monkeypatch.setattr(store, "CHUNK_BYTES", 2 * 16 * 16 * 3)
     written: list[int] = []
-    original = store._write_chunk
+    original = store_build._write_chunk
 
     def fills_up(handle, pixels):  # type: ignore[no-untyped-def]
         if len(written) == 2:  # the disk fills after two chunks
@@ -273,7 +273,7 @@ def test_disk_full_falls_back_to_memory_with_one_warning(
         written.append(len(pixels))
         original(handle, pixels)
 
-    monkeypatch.setattr(store, "_write_chunk", fills_up)
+    monkeypatch.setattr(store_build, "_write_chunk", fills_up)
     capsys.readouterr()
     result = load(files)
     assert result.path is None and torch.equal(result.images, expected)
@@ -282,7 +282,7 @@ def test_disk_full_falls_back_to_memory_with_one_warning(
     assert entries() == []
 
     # a disk already full is seen before decoding anything
-    monkeypatch.setattr(store, "_write_chunk", original)
+    monkeypatch.setattr(store_build, "_write_chunk", original)
     monkeypatch.setattr(store.shutil, "disk_usage", lambda _: _Usage(0))
     assert load(files, size=12).path is None
 
