@@ -1,4 +1,4 @@
-"""The worker side of :mod:`cnnkit.data.store`: a chunk of image files -> uint8 pixels and pixel sums.
+"""The worker side of :mod:`cnnkit.data.store_build`: a chunk of image files -> uint8 pixels and pixel sums.
 
 It imports PIL and numpy only (never torch), so a pool worker starts in a fraction of a second and
 holds some 20 MB of its own memory, however large the set it helps decode.
