@@ -103,5 +103,5 @@ echo
 say "run directory  $RUN"
 say "curves         $RUN/curves.png"
 say "weights        $RUN/best.safetensors (and last.safetensors)"
-say "continue it    .venv/bin/cnnkit train --resume $RUN --epochs 10"
+say "continue it    .venv/bin/cnnkit train --resume $RUN --epochs 10 --lr 0.1   (a warm restart: the 2 epochs annealed to ~0)"
 say "next           source .venv/bin/activate; cnnkit train lenet_bn; cnnkit eval $RUN"

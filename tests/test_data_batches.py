@@ -134,3 +134,29 @@ def test_crops_and_flips_differ_within_a_batch() -> None:
     loader = BatchLoader(split, batch_size=64, image_size=8, augment=True)
     batch, _ = next(iter(loader.epoch(0)))
     assert len({tuple(v.flatten().tolist()) for v in batch}) > 8  # drawn per example, not per batch
+
+
+def test_the_next_chunk_is_gathered_in_a_background_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A memory-mapped store's pages are read off the step's path; the batches are unchanged."""
+    import threading
+
+    import cnnkit.data.batches as batches
+
+    monkeypatch.setattr(BatchLoader, "_batches_per_chunk", lambda self: 1)  # one batch a chunk: many chunks
+    split = make_split(n=64)
+    threads: list[str] = []
+    gather = BatchLoader._gather
+
+    def spy(self: BatchLoader, index: torch.Tensor):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return gather(self, index)
+
+    monkeypatch.setattr(batches.BatchLoader, "_gather", spy)
+    loader = BatchLoader(split, batch_size=8, image_size=12, shuffle=True, augment=True, seed=3)
+    images, labels = collect(loader, epoch=2)
+    assert len(threads) == 8 and all(name.startswith("cnnkit-prefetch") for name in threads)
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(3 * 1_000_003 + 2))
+    assert torch.equal(labels, split.labels[order])
+    monkeypatch.setattr(batches.BatchLoader, "_gather", gather)
+    again, _ = collect(BatchLoader(split, batch_size=8, image_size=12, shuffle=True, augment=True, seed=3), epoch=2)
+    assert torch.equal(images, again)

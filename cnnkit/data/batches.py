@@ -196,22 +196,25 @@ class BatchLoader:
             size = min(self.batch_size, stop - start)
             parts.append((start, size, rank * size // world, (rank + 1) * size // world))
         per_chunk = self._batches_per_chunk()
-        for first in range(0, len(parts), per_chunk):
-            group = parts[first : first + per_chunk]
+        groups = [parts[first : first + per_chunk] for first in range(0, len(parts), per_chunk)]
+
+        def rows(group: list[tuple[int, int, int, int]]) -> torch.Tensor | None:
             kept = [part for part in group if part[2] < part[3]]
-            if kept:
+            if not kept:
+                return None
+            if world == 1:
+                return order[group[0][0] : group[-1][0] + group[-1][1]]
+            return torch.cat([order[start + low : start + high] for start, _, low, high in kept])
+
+        for group, gathered in zip(groups, self._prefetched([rows(g) for g in groups]), strict=True):
+            if gathered is not None:
                 # A chunk of consecutive batches is gathered, moved, converted and normalised at
                 # once, and its batches are row slices of the result: each op runs once per chunk,
                 # not once per step (a tiny model's step is short enough for these to show, and on
                 # a loaded CPU every op costs a wait for the other threads).
-                if world == 1:
-                    index = order[group[0][0] : group[-1][0] + group[-1][1]]
-                else:
-                    index = torch.cat([order[start + low : start + high] for start, _, low, high in kept])
-                # index_select copies whole rows; plain advanced indexing goes element by element
-                # and made the gather, not the arithmetic, the cost of a CPU epoch (7x slower).
-                images = self._prepare(torch.index_select(self.images, 0, index))
-                labels = self._move(torch.index_select(self.labels, 0, index))
+                chunk_images, chunk_labels = gathered
+                images = self._prepare(chunk_images)
+                labels = self._move(chunk_labels)
             offset = 0
             for _, size, low, high in group:
                 if low == high:
@@ -231,11 +234,39 @@ class BatchLoader:
         """The batches of epoch 0 (evaluation loaders neither shuffle nor augment)."""
         return self.epoch(0)
 
+    def _gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # index_select copies whole rows; plain advanced indexing goes element by element
+        # and made the gather, not the arithmetic, the cost of a CPU epoch (7x slower).
+        images, labels = torch.index_select(self.images, 0, index), torch.index_select(self.labels, 0, index)
+        if self.device.type == "cuda" and images.device.type == "cpu":
+            images, labels = images.pin_memory(), labels.pin_memory()  # so the copy to the GPU is asynchronous
+        return images, labels
+
+    def _prefetched(
+        self, indices: list[torch.Tensor | None]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
+        """The gathered rows of each chunk, the next one read in a background thread while the
+        current one trains: a memory-mapped store's pages are read, and on CUDA pinned, off the
+        step's path. One chunk ahead at most, so memory stays bounded."""
+        if len(indices) <= 1:
+            yield from (self._gather(index) if index is not None else None for index in indices)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnkit-prefetch") as pool:
+            ahead = pool.submit(self._gather, indices[0]) if indices[0] is not None else None
+            for position in range(len(indices)):
+                current = ahead.result() if ahead is not None else None
+                following = indices[position + 1] if position + 1 < len(indices) else None
+                ahead = pool.submit(self._gather, following) if following is not None else None
+                yield current
+
     def _move(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.device == self.device:
             return tensor
         if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
+            pinned = tensor if tensor.is_pinned() else tensor.pin_memory()
+            return pinned.to(self.device, non_blocking=True)
         return tensor.to(self.device)
 
     def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
