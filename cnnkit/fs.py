@@ -16,7 +16,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "write_text"]
+__all__ = ["atomic_write", "fsync_dir", "write_text"]
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -59,7 +59,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         if failure is not None:
             raise failure from exc
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 _OS_ERROR_IN_MESSAGE = re.compile(r"\(os error (\d+)\)")
@@ -96,8 +96,8 @@ def _umask() -> int:
     return current
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Persist the rename itself; not possible (nor needed) on Windows.
+def fsync_dir(folder: Path) -> None:
+    """Persist a folder's entries (a rename into it, say); not possible (nor needed) on Windows."""
     if os.name != "posix":
         return
     fd = os.open(folder, os.O_RDONLY)

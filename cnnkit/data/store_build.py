@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cnnkit.errors import CnnkitError
+from cnnkit.fs import fsync_dir
 from cnnkit.image_files import ResizeMode
 
 __all__ = ["ARRAY_FILE", "FORMAT", "META_FILE", "Build", "Decoded", "human_bytes", "mean_std", "write_meta"]
@@ -237,7 +238,7 @@ class Build:
             self.handle.close()
             self.handle = None
             write_meta(self.tmp / META_FILE, meta)
-            _fsync(self.tmp)
+            fsync_dir(self.tmp)
             try:
                 os.replace(self.tmp, self.entry)
             except OSError as exc:
@@ -251,7 +252,7 @@ class Build:
             assert self.memory is not None
             return Decoded(self.memory, mean, std)
         with contextlib.suppress(OSError):
-            _fsync(self.entry.parent)
+            fsync_dir(self.entry.parent)
         return self.entry
 
     def _discard(self) -> None:
@@ -375,16 +376,6 @@ class _Progress:
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-def _fsync(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _common_folder(paths: Sequence[Path]) -> str | None:
