@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.cnnkit-installed
 # Real data: Debian's dataset-fashion-mnist package, else ../shared/datasets beside a checkout.
 export CNNKIT_DATA ?= $(firstword $(wildcard ../shared/datasets) $(HOME)/.cache/cnnkit/datasets)
 
-.PHONY: demo test bench gpu-check gpu-wheels docs lint clean install
+.PHONY: demo test test-fast bench gpu-check gpu-wheels docs lint clean install
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The inner loop: the suite without the tests marked slow (over ~2 s each); `make test` runs all.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/data.py
