@@ -28,6 +28,7 @@ def test_d2l_recipe_is_the_seeds() -> None:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_default_recipe_differs_from_d2l_for_every_builtin() -> None:
     for model in MODELS.names():
         default, d2l = recipe_values(model, "default"), recipe_values(model, "d2l")

@@ -123,6 +123,7 @@ def test_only_out_of_memory_errors_are_converted() -> None:
     assert passed.value is bug  # a bug keeps its traceback
 
 
+@pytest.mark.slow
 def test_out_of_memory_while_training_is_one_line_exit_2(
     runner: CliRunner, idx_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
 ) -> None:

@@ -23,6 +23,7 @@ def test_real_fashion_mnist(real_data: Path) -> None:
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_real_fashion_mnist_found_via_cnnkit_data(real_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CNNKIT_DATA", str(real_data))
     images, labels = next(iter(BatchLoader(load_dataset("fashion-mnist").test, batch_size=256, image_size=96)))
@@ -30,6 +31,7 @@ def test_real_fashion_mnist_found_via_cnnkit_data(real_data: Path, monkeypatch: 
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_real_coil20(real_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CNNKIT_DATA", str(real_data))  # found under the folder name coil-20
     splits = load_dataset("coil20")

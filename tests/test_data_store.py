@@ -114,6 +114,7 @@ def test_crop_squash_pad_shapes_and_crop_keeps_the_centre(tmp_path: Path) -> Non
     assert (read_image_square(tall, 1, 10, "crop") == 77).all()
 
 
+@pytest.mark.slow
 def test_crop_matches_torchvision_resize_and_center_crop(tmp_path: Path) -> None:
     from torchvision import transforms
 

@@ -127,6 +127,7 @@ def docs_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
 
 
 @pytest.mark.usefixtures("one_thread")
+@pytest.mark.slow
 def test_the_worked_examples_install_and_train_end_to_end(runner, docs_plugin: Path) -> None:  # type: ignore[no-untyped-def]
     check_model_spec(MODELS.get("mynet"), input_size=16)
     check_dataset_spec(DATASETS.get("stripes"), size=64)
@@ -142,6 +143,7 @@ def test_the_worked_examples_install_and_train_end_to_end(runner, docs_plugin: P
 
 
 @pytest.mark.usefixtures("one_thread")
+@pytest.mark.slow
 def test_the_worked_trainer_s_own_state_survives_an_interruption_and_resume(docs_plugin: Path) -> None:
     """The docs' trainer keeps an EMA of the weights in its own state_dict: a run interrupted after
     epoch 2 and resumed ends with exactly the EMA (and weights) of the run that was never stopped."""

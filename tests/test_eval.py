@@ -169,6 +169,7 @@ def test_eval_reproduces_the_recorded_test_accuracy(
     assert sum(counts[i][i] for i in range(4)) == round(recorded * 36)
 
 
+@pytest.mark.slow
 def test_eval_table_plot_out_and_overrides(tmp_path: Path, runner: Any, fake_datasets: list[Any]) -> None:
     pytest.importorskip("cnnkit.data.batches", reason="BatchLoader (cnnkit/data/batches.py) not written yet")
     run = tmp_path / "run"
@@ -189,6 +190,7 @@ def test_eval_table_plot_out_and_overrides(tmp_path: Path, runner: Any, fake_dat
     assert not (run / "confusion_train.csv").exists()
 
 
+@pytest.mark.slow
 def test_eval_weights_that_do_not_fit_the_dataset_exit_4(
     tmp_path: Path, runner: Any, fake_datasets: list[Any]
 ) -> None:

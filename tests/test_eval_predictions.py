@@ -146,6 +146,7 @@ def check_rows(rows: list[list[str]], probabilities: torch.Tensor, labels: torch
         assert float(loss) == pytest.approx(-float(p[label].log()), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_eval_writes_every_prediction(tmp_path: Path, runner: Any, fake_datasets: None) -> None:
     run = tmp_path / "run"
     train_tiny_run(run, tiny_dataset())

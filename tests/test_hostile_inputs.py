@@ -227,6 +227,7 @@ def test_empty_class_and_single_class_exit_3(tmp_path: Path, runner: Any) -> Non
 # -- names and links ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_unicode_and_non_utf8_names_train_and_record(tmp_path: Path, runner: Any) -> None:
     root = tmp_path / "données"
     latin1 = os.fsdecode(b"caf\xe9")  # a Latin-1 name: not UTF-8, arrives with surrogate escapes
@@ -262,6 +263,7 @@ def test_symlink_loop_between_folders_reads_each_image_once(tmp_path: Path) -> N
     assert counts == [3, 6]  # b: its 3 images once; ref: 3 own + 3 through the link
 
 
+@pytest.mark.slow
 def test_two_thousand_tiny_files(tmp_path: Path) -> None:
     root = tmp_path / "many"
     tile = np.zeros((4, 4), np.uint8)

@@ -49,8 +49,15 @@ def test_every_builtin_is_registered() -> None:
     assert set(BUILTINS) <= set(MODELS)
 
 
+# The biggest networks take over a second each to build, run and check: `make test` runs them,
+# `make test-fast` (-m "not slow") the rest.
+BIG = {"alexnet", "vgg11", "vgg16", "densenet121", "efficientnet_b4", "efficientnet_b5", "efficientnet_b6",
+       "efficientnet_b7"}  # fmt: skip
+BY_SIZE = [pytest.param(name, marks=pytest.mark.slow) if name in BIG else name for name in MODELS]
+
+
 # -- build, forward, backward --------------------------------------------------------------------
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", BY_SIZE)
 def test_forward_backward_at_smallest_input(name: str) -> None:
     torch.manual_seed(0)
     side = smallest_side(name)
@@ -64,7 +71,7 @@ def test_forward_backward_at_smallest_input(name: str) -> None:
     assert any(g.abs().sum() > 0 for g in grads if g is not None)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", BY_SIZE)
 def test_contract(name: str) -> None:
     # (1 channel, 10 classes) is trained above; the contract check adds RGB input and 7 classes.
     check_model_spec(cnnkit.get_model(name), in_channels=(3,), num_classes=(7,), input_size=smallest_side(name))
@@ -305,6 +312,7 @@ def test_check_model_spec_names_the_violation(spec: ModelSpec, complaint: str) -
         check_model_spec(spec)
 
 
+@pytest.mark.slow
 def test_testing_module_does_not_need_pytest() -> None:
     import subprocess
     import sys
@@ -370,7 +378,7 @@ def test_check_dataset_spec_names_the_violation(broken: dict[str, Any], complain
 
 
 @pytest.mark.realdata
-@pytest.mark.parametrize("name", ["fashion-mnist", "coil20"])
+@pytest.mark.parametrize("name", ["fashion-mnist", pytest.param("coil20", marks=pytest.mark.slow)])
 def test_builtin_datasets_meet_the_contract(name: str, real_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CNNKIT_DATA", str(real_data))
     try:

@@ -192,6 +192,7 @@ def test_every_builtin_model_exports_and_matches(tmp_path: Path, runner: Any, on
     export_and_compare(tmp_path, runner, name, channels=3 if MODELS.index(name) % 2 else 1)
 
 
+@pytest.mark.slow
 def test_efficientnet_plugin_exports_and_matches(tmp_path: Path, runner: Any, onnx_extra: None) -> None:
     pytest.importorskip("cnnkit_efficientnet", reason="the cnnkit-efficientnet plugin is not installed")
     export_and_compare(tmp_path, runner, "efficientnet_b0", channels=3)

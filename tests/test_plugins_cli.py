@@ -121,6 +121,7 @@ def good_plugin(site: Path) -> None:
 
 
 # -- cnnkit plugins -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_healthy_set_lists_each_distribution_with_its_names(runner: Any, site: Path) -> None:
     good_plugin(site)
     rescan()
@@ -328,6 +329,7 @@ def make_coil20(folder: Path, objects: int = 2, poses: int = 4, side: int = 12) 
     return folder
 
 
+@pytest.mark.slow
 def test_plugin_model_trains_exports_loads_and_predicts(
     runner: Any, efficientnet: None, tmp_path: Path, one_thread: None
 ) -> None:

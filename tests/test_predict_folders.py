@@ -386,6 +386,7 @@ def test_progress_bar_only_on_a_terminal_and_not_with_quiet(
 # -- ONNX ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_onnx_predicts_folders_the_same_without_torch(tmp_path: Path, runner: Any, photos: Path) -> None:
     for module in ("onnx", "onnxruntime"):
         pytest.importorskip(module, reason=f"the onnx extra is not installed (pip install 'cnnkit[onnx]'): no {module}")

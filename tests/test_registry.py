@@ -80,6 +80,7 @@ def test_unknown_name_suggests_and_points_to_list() -> None:
     assert info.value.exit_code == 2
 
 
+@pytest.mark.slow
 def test_broken_plugin_is_one_line_warning(
     fresh_models: Registry[ModelSpec], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -47,6 +47,7 @@ def test_corrupt_image_leaves_no_run_directory(runner, tmp_path: Path) -> None: 
     assert numbered_dirs(runs) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_save_leaves_no_run_directory(runner, idx_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     def ctrl_c(self: object, run: object) -> None:
         raise KeyboardInterrupt

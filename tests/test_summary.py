@@ -89,7 +89,7 @@ def test_defaults_are_the_recipe_size_one_channel_ten_classes() -> None:
 # ---------------------------------------------------------------------------------------------
 # Totals
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["lenet", "lenet_bn", "googlenet", "resnet18"])
+@pytest.mark.parametrize("name", ["lenet", "lenet_bn", "googlenet", pytest.param("resnet18", marks=pytest.mark.slow)])
 def test_parameter_totals_match_a_real_model(name: str) -> None:
     torch.manual_seed(0)
     real = MODELS.get(name).build(1, 10)  # on the CPU, with real weights
@@ -288,7 +288,8 @@ def test_lenet_smallest_input_really_is_the_smallest_on_the_cpu() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "channels"), [("lenet", 1), ("vgg11", 1), ("alexnet", 3), ("nin", 1), ("densenet", 1)]
+    ("name", "channels"),
+    [("lenet", 1), ("vgg11", 1), ("alexnet", 3), ("nin", 1), pytest.param("densenet", 1, marks=pytest.mark.slow)],
 )
 def test_too_small_input_names_the_layer_and_the_smallest_size(runner: CliRunner, name: str, channels: int) -> None:
     smallest = smallest_input_size(MODELS.get(name), in_channels=channels)

@@ -31,8 +31,10 @@ def test_the_smallest_uncollapsed_input_is_exact() -> None:
 
 
 @pytest.mark.parametrize(
-    "model", ["lenet", "lenet_bn", "alexnet", "vgg11", "nin", "googlenet", "resnet18", "densenet"]
-)
+    "model",
+    ["lenet", "lenet_bn", "alexnet", "vgg11", "nin", "googlenet", pytest.param("resnet18", marks=pytest.mark.slow),
+     "densenet"],
+)  # fmt: skip
 def test_no_collapse_warning_at_the_recipe_size(model: str) -> None:
     from cnnkit.summary import summarize
 

@@ -73,6 +73,7 @@ def test_loss_falls_and_accuracy_rises_on_learnable_data(tmp_path: Path) -> None
     assert result.run_dir.joinpath("test.json").is_file()
 
 
+@pytest.mark.slow
 def test_d2l_recipe_also_learns(tmp_path: Path) -> None:
     result = fit(tiny_config(tmp_path, recipe="d2l", epochs=4, lr=0.5))
     assert result.history[-1]["val_acc"] >= 0.9
@@ -126,6 +127,7 @@ def test_quiet_prints_only_the_closing_lines(tmp_path: Path, capsys: pytest.Capt
     assert out[2].startswith("best epoch 1 by val acc: val acc ") and out[3].startswith("run ")
 
 
+@pytest.mark.slow
 def test_best_and_patience_follow_val_and_test_labels_change_nothing(tmp_path: Path) -> None:
     """Scrambling the test labels changes no checkpoint and no stopping decision: test chooses nothing."""
     options = {"epochs": 6, "patience": 1, "deterministic": True, "lr": 0.5}
@@ -143,6 +145,7 @@ def test_best_and_patience_follow_val_and_test_labels_change_nothing(tmp_path: P
     assert a["best"]["epoch"] == b["best"]["epoch"] and a["best"]["test_acc"] != b["best"]["test_acc"]
 
 
+@pytest.mark.slow
 def test_monitoring_val_loss_picks_the_lowest_val_loss(tmp_path: Path) -> None:
     result = fit(tiny_config(tmp_path, epochs=4, monitor="val_loss", lr=0.5))
     losses = [r["val_loss"] for r in result.history]
@@ -165,6 +168,7 @@ def test_test_every_epoch_adds_test_columns_that_choose_nothing(tmp_path: Path) 
     assert header.split(",")[:7] == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"]
 
 
+@pytest.mark.slow
 def test_two_deterministic_runs_are_identical(tmp_path: Path) -> None:
     # Dropout (vgg's classifier would need more time) is covered by the seeded global generator;
     # here AdamW, augmentation and BatchNorm all take part.
@@ -236,6 +240,7 @@ def test_huge_learning_rate_diverges(tmp_path: Path) -> None:
     assert not Path(config.out or "").exists()  # nothing was saved, so no empty run directory is left
 
 
+@pytest.mark.slow
 def test_patience_stops_early(tmp_path: Path) -> None:
     result = fit(tiny_config(tmp_path, epochs=30, patience=2))
     assert result.stopped_early

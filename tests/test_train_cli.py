@@ -68,6 +68,7 @@ def test_train_numbers_runs_and_eval_reads_the_weights(runner, idx_data: Path, t
     assert json.loads(on_val.output[: on_val.output.rindex("}") + 1])["top1"] == pytest.approx(meta.metrics["val_acc"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_extends_a_run(runner, idx_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "run"
     assert runner.invoke(app, tiny_args(idx_data, "--epochs", "1", "--out", str(out), "-q")).exit_code == 0

@@ -57,7 +57,9 @@ def test_every_variant_builds_on_meta_at_its_own_resolution(name: str) -> None:
     assert all(t.device.type == "meta" for t in model.state_dict().values())
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "efficientnet_b7" else n for n in NAMES]
+)
 def test_parameters_equal_torchvision(name: str) -> None:
     ours = count_on_meta(lambda: SPECS[name].build(3, 1000), side=SPECS[name].recipe.input_size)
     theirs = count_on_meta(lambda: getattr(tv, name)(weights=None))
@@ -95,6 +97,7 @@ def dropout_of(model: nn.Module) -> float:
     return next(m.p for m in model.modules() if isinstance(m, nn.Dropout))
 
 
+@pytest.mark.slow
 def test_dropout_defaults_to_torchvisions_per_variant_and_can_be_set() -> None:
     with torch.device("meta"):
         defaults = [dropout_of(SPECS[n].build(1, 10)) for n in NAMES]
