@@ -18,7 +18,7 @@ __all__ = ["Checkpointer"]
 
 
 class Checkpointer:
-    """best.safetensors when test accuracy improves, last.safetensors and the resume point every epoch.
+    """best.safetensors when the monitored validation metric improves, last.safetensors and the resume point every epoch.
 
     Only completed epochs are saved: after Ctrl-C or a kill, ``last`` and ``state`` are the last
     completed epoch, labelled as such, and ``--resume`` redoes the epoch that was cut short.
