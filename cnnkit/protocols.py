@@ -133,6 +133,9 @@ class ImageTensors:
 
     images: torch.Tensor
     labels: torch.Tensor
+    mapped: bool = False
+    """True when ``images`` is memory-mapped from a file (a store larger than memory): loaders then
+    read the next chunk of batches in a background thread."""
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

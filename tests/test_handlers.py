@@ -92,7 +92,7 @@ def test_the_bus_calls_handlers_in_order_and_imports_nothing_of_cnnkit() -> None
 def test_default_handlers_order_and_options() -> None:
     plain = default_handlers(TrainConfig(model="lenet", quiet=True))
     names = [type(f).__name__ for f in plain]
-    assert names == ["RunFiles", "MetricsCSV", "Checkpointer", "CurvesPlot", "LogFile", "Console"]
+    assert names == ["RunFiles", "MetricsCSV", "Checkpointer", "LogFile", "CurvesPlot", "Console"]
     patient = default_handlers(TrainConfig(model="lenet", quiet=True, patience=3))
     stopper = [f for f in patient if isinstance(f, EarlyStopping)]
     assert [type(f).__name__ for f in patient][-2:] == ["EarlyStopping", "Console"] and stopper[0].patience == 3

@@ -199,7 +199,8 @@ def test_lenet_bn_one_epoch_on_real_fashion_mnist(runner, real_data: Path, tmp_p
     result = runner.invoke(app, [*args, "--device", "cpu", "-q"])
     assert result.exit_code == 0, result.output
     _, meta = load_weights(out / "best.safetensors")
-    assert meta.metrics["test_acc"] >= 0.80
+    assert meta.metrics["val_acc"] >= 0.80
+    assert json.loads((out / "test.json").read_text())["final"]["test_acc"] >= 0.80
 
 
 def test_image_folder_with_channels_and_its_split_files(runner, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

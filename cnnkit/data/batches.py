@@ -136,6 +136,10 @@ class BatchLoader:
             # (otherwise each batch travels from pinned memory, see _move).
             images, labels = images.to(self.device), labels.to(self.device)
         self.images, self.labels = images, labels
+        # Reading ahead pays where a gather waits on disk pages or on a copy to the GPU; for an
+        # in-memory split on the CPU a second thread only competes with the step's own threads
+        # (lenet_bn trained at 0.6x its speed with it).
+        self.read_ahead = self.device.type == "cuda" or (split.mapped and images is split.images)
         channels = images.shape[1]
         self.mean = self._stat(mean, channels)
         self.std = self._stat(std, channels)
@@ -245,10 +249,10 @@ class BatchLoader:
     def _prefetched(
         self, indices: list[torch.Tensor | None]
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
-        """The gathered rows of each chunk, the next one read in a background thread while the
-        current one trains: a memory-mapped store's pages are read, and on CUDA pinned, off the
-        step's path. One chunk ahead at most, so memory stays bounded."""
-        if len(indices) <= 1:
+        """The gathered rows of each chunk; with ``read_ahead`` (a memory-mapped split, or CUDA) the
+        next one is read in a background thread while the current one trains, so the store's pages
+        are read, and on CUDA pinned, off the step's path. One chunk ahead at most."""
+        if len(indices) <= 1 or not self.read_ahead:
             yield from (self._gather(index) if index is not None else None for index in indices)
             return
         from concurrent.futures import ThreadPoolExecutor

@@ -185,7 +185,7 @@ class ImageFolder:
         for split in SPLITS:
             items = splits.get(split, [])
             labels = torch.tensor([index[name] for _, name in items], dtype=torch.long)
-            tensors[split] = ImageTensors(stored.images[start : start + len(items)], labels)
+            tensors[split] = ImageTensors(stored.images[start : start + len(items)], labels, mapped=stored.mapped)
             start += len(items)
         relative = lambda items: [printable(str(p.relative_to(layout.root))) for p, _ in items]  # noqa: E731
         return DatasetSplits(

@@ -87,6 +87,8 @@ class StoredImages:
     """Per channel (with Bessel's correction, as ``torch.std``), of ``images[:stats_count]``."""
     path: Path | None
     """The cache entry (a folder); None when it could not be written and the images are in memory."""
+    mapped: bool = False
+    """True when ``images`` is memory-mapped (its pages are read from disk as batches touch them)."""
 
 
 def stores_folder() -> Path:
@@ -229,7 +231,7 @@ def _result(entry: Path, array: np.ndarray, meta: dict[str, Any], stats_count: i
     if array.nbytes <= min(IN_MEMORY_MAX, available_memory() // 4):
         images = torch.from_numpy(np.fromfile(entry / ARRAY_FILE, dtype=np.uint8).reshape(array.shape))
     else:
-        images = torch.from_numpy(array)
+        return StoredImages(torch.from_numpy(array), tuple(mean), tuple(std), entry, mapped=True)
     return StoredImages(images, tuple(mean), tuple(std), entry)
 
 

@@ -63,8 +63,11 @@ def default_handlers(config: TrainConfig) -> list[Feature]:
     """
     # metrics.csv before the resume point (Checkpointer): a kill between them leaves the epoch
     # unsaved, so --resume redoes it and rewrites metrics.csv whole; never a saved final epoch
-    # whose row is missing (only curves.png, drawn after, can lag one epoch behind a kill).
-    features: list[Feature] = [RunFiles(), MetricsCSV(), Checkpointer(), CurvesPlot(), LogFile()]
+    # whose row is missing. log.txt's line right after the resume point, before the slow plot:
+    # log.txt is only appended to, so a line a kill skips there (torchrun stops the other ranks
+    # as soon as one fails) is missing for good; only curves.png, drawn after, can lag one epoch
+    # behind a kill, and it is redrawn whole at the next epoch.
+    features: list[Feature] = [RunFiles(), MetricsCSV(), Checkpointer(), LogFile(), CurvesPlot()]
     if config.patience is not None:
         features.append(EarlyStopping(config.patience))
     if config.tensorboard:
