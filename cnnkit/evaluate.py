@@ -251,33 +251,14 @@ def recorded_data_folder(weights: Path, meta: WeightsMeta) -> Path | None:
 
 def _load_for(file: Path, meta: WeightsMeta, name: str, data: Path | None, options: dict[str, Any]) -> DatasetSplits:
     """The splits to evaluate ``file`` on: for weights in a run directory that recorded its split
-    files, exactly those files (a folder that changed since is said in one line); else the dataset."""
+    files, exactly those files (the dataset says in one line if its folder changed since); else the dataset."""
     from cnnkit import data as datasets
 
     run = RunDir(file.parent)
     recorded = run.read_split_files() if name == meta.dataset and run.holds_run() else {}
     if not recorded:
         return datasets.load_dataset(name, data, input_size=meta.input_size, **options)
-    splits = datasets.load_recorded(name, data, recorded, meta.classes, input_size=meta.input_size, **options)
-    spec_describe = getattr(_dataset_spec(name), "describe", None)
-    if callable(spec_describe):
-        now = spec_describe(data, **options)
-        changed = [split for split, files in recorded.items() if now.get(split) != len(files)]
-        if changed:
-            from cnnkit._console import warn
-
-            warn(
-                f"{splits.source} changed since {run.path} was trained ({', '.join(changed)}: "
-                f"{', '.join(str(now.get(s)) for s in changed)} images now, "
-                f"{', '.join(str(len(recorded[s])) for s in changed)} recorded); evaluating the recorded files"
-            )
-    return splits
-
-
-def _dataset_spec(name: str) -> Any:
-    from cnnkit.registry import DATASETS
-
-    return DATASETS.get(name)
+    return datasets.load_recorded(name, data, recorded, meta.classes, input_size=meta.input_size, **options)
 
 
 def evaluate_weights(

@@ -161,6 +161,11 @@ class ImageFolder:
                         f"({label or 'none'}); restore the folder as it was"
                     )
                 splits.setdefault(split, []).append((path, label))
+        added = len(labelled) - len({name for names in split_files.values() for name in names} & set(labelled))
+        if added:
+            from cnnkit._console import warn
+
+            warn(f"{layout.root} has {added} image(s) the run did not record (added since); using the recorded files")
         return self._stored(recorded, splits, opts)
 
     def _stored(self, layout: Layout, splits: dict[str, list[Item]], opts: ImageFolderOptions) -> DatasetSplits:
