@@ -81,6 +81,9 @@ class WeightsMeta(BaseModel):
     mean: list[float] | None = None
     """Per-channel mean on the 0..1 scale; None: inputs are only scaled to 0..1 (the d2l recipe)."""
     std: list[float] | None = None
+    ema: float | None = None
+    """The decay when these weights are an exponential moving average of the trained ones (``--ema``);
+    None: the trained weights themselves."""
     epoch: int | None = None
     metrics: dict[str, float | None] = {}
     """E.g. ``{"val_acc": 0.91}`` at that epoch."""

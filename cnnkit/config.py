@@ -21,7 +21,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from cnnkit.errors import UsageError, closest
 from cnnkit.protocols import HYPERPARAMETER_KEYS, RECIPE_NAMES, Hyperparameters, RecipeName
@@ -112,6 +112,14 @@ class TrainConfig(Hyperparameters):
     tensorboard: bool = Field(False, description="Also log to TensorBoard (pip install 'cnnkit[tensorboard]').")
     quiet: bool = Field(False, description="No progress output, only the closing lines and errors.")
 
+    @model_validator(mode="after")
+    def _combinations(self) -> TrainConfig:
+        """Knobs that are valid alone but cannot work together."""
+        if self.cutmix > 0 and self.input_size < 2:
+            raise ValueError(f"cutmix needs images of at least 2 x 2 px, not input_size {self.input_size}; "
+                             "use --mixup or a larger --input-size")  # fmt: skip
+        return self
+
 
 RECIPE_KEYS: tuple[str, ...] = HYPERPARAMETER_KEYS
 """The keys a recipe fills (everything a file or the command line may still override)."""
@@ -145,7 +153,23 @@ def _problem(err: Mapping[str, Any], source: str) -> str:
         return f"{source}: unknown key '{key}'{did_you_mean}; valid keys: {_valid_keys()}"
     if err["type"] == "missing":
         return f"{source}: '{key}' is required (name a model: cnnkit train MODEL, or model = '...' in the file)"
-    return f"{source}: {key} = {err.get('input')!r}: {err['msg']}"
+    return f"{source}: {key} = {err.get('input')!r}: {err['msg']}{_valid_range(key)}"
+
+
+def _valid_range(key: str) -> str:
+    """`` (valid: 0 <= ema < 1)`` from the field's bounds; empty for a field without any."""
+    field = TrainConfig.model_fields.get(key)
+    if field is None:
+        return ""
+    low = high = ""
+    for bound in field.metadata:
+        for name, left, right in (("ge", "<=", ""), ("gt", "<", ""), ("le", "", "<="), ("lt", "", "<")):
+            value = getattr(bound, name, None)
+            if value is not None and left:
+                low = f"{value:g} {left} "
+            elif value is not None:
+                high = f" {right} {value:g}"
+    return f" (valid: {low}{key}{high})" if low or high else ""
 
 
 def _validate(values: Mapping[str, Any], source: str) -> TrainConfig:
@@ -232,7 +256,15 @@ def describe_config(config: TrainConfig) -> str:
         opt += f" wd {c.weight_decay:g}"
     sched = c.schedule + (f" warmup {c.warmup:g}" if c.warmup else "")
     extras = [f"ls {c.label_smoothing:g}"] if c.label_smoothing else []
-    extras += [name for name, on in (("augment", c.augment), ("normalize", c.normalize)) if on]
+    if c.augment != "none":
+        extras.append(c.augment if c.augment != "randaugment" else
+                      f"randaugment {c.randaugment_ops}x{c.randaugment_magnitude}")  # fmt: skip
+    extras += [f"{name} {value:g}" for name, value in (
+        ("erasing", c.random_erasing), ("mixup", c.mixup), ("cutmix", c.cutmix), ("ema", c.ema),
+        ("clip", c.clip_grad)) if value]  # fmt: skip
+    extras += [f"accum {c.accum_steps}"] if c.accum_steps > 1 else []
+    extras += ["balanced classes"] if c.class_weights == "balanced" else []
+    extras += ["normalize"] if c.normalize else []
     extras += ["xavier init"] if c.init == "xavier" else []
     options = "".join(f" {k}={v}" for k, v in {**c.model_options, **c.dataset_options}.items())
     return (

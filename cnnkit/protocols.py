@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HYPERPARAMETER_KEYS",
+    "AugmentMode",
     "RecipeName",
     "RECIPE_NAMES",
     "Hyperparameters",
@@ -38,6 +39,9 @@ __all__ = [
     "REQUIRED_METRICS",
     "Trainer",
 ]
+
+AugmentMode = Literal["none", "crop-flip", "trivial", "randaugment"]
+"""Training augmentation (``--augment``); see :mod:`cnnkit.data.augment`."""
 
 RecipeName = Literal["default", "d2l"]
 """``default``: the model spec's own recipe, used as written; ``d2l``: the seed's, derived from it."""
@@ -66,11 +70,46 @@ class Hyperparameters(BaseModel):
     )
     warmup: float = Field(1.0, ge=0, description="Epochs of linear warm-up to lr (onecycle: 0 means 30% of the run).")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the training loss.")
-    augment: bool = Field(False, description="Random crop with padding and horizontal flip of training batches.")
+    augment: AugmentMode = Field(
+        "none", description="Training-batch augmentation, per image on the device: 'crop-flip' (random crop of a "
+        "padded image and horizontal flip), 'trivial' (crop-flip, then TrivialAugmentWide), 'randaugment' (crop-flip, "
+        "then RandAugment with randaugment_ops and randaugment_magnitude). Config files' true/false still mean "
+        "'crop-flip'/'none'.",
+    )  # fmt: skip
+    randaugment_ops: int = Field(2, ge=1, le=14, description="RandAugment: operations applied to each image (N).")
+    randaugment_magnitude: int = Field(
+        9, ge=0, le=30, description="RandAugment: magnitude bin (M) of every operation, 0..30."
+    )
+    random_erasing: float = Field(
+        0.0, ge=0, le=1, description="Probability of erasing a random box (2-33% of the image) in each training image."
+    )
+    mixup: float = Field(0.0, ge=0, description="Mixup's Beta(alpha, alpha) parameter; 0: off.")
+    cutmix: float = Field(
+        0.0, ge=0, description="CutMix's Beta(alpha, alpha) parameter; 0: off. With mixup too: one of the two per batch."
+    )
+    ema: float = Field(
+        0.0, ge=0, lt=1, description="Decay of an exponential moving average of the weights, kept on the device "
+        "(0: off). When on, validation, test, best and last use the averaged weights.",
+    )  # fmt: skip
+    accum_steps: int = Field(
+        1, ge=1, description="Batches whose gradients make one optimisation step (the schedule counts those steps)."
+    )
+    clip_grad: float = Field(0.0, ge=0, description="Clip the gradients' global L2 norm to this (0: off).")
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="'balanced': weigh each class's loss by the inverse of its training frequency."
+    )
     normalize: bool = Field(True, description="Standardise inputs with the dataset's mean/std (else only scale to 0..1).")
     init: Literal["default", "xavier"] = Field(
         "default", description="Weight initialisation: the model's own, or d2l's Xavier-uniform."
     )
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_from_bool(cls, value: Any) -> Any:
+        """Config files and runs from before the augmentation modes said augment = true / false."""
+        if isinstance(value, bool):
+            return "crop-flip" if value else "none"
+        return value
 
 
 HYPERPARAMETER_KEYS: tuple[str, ...] = tuple(Hyperparameters.model_fields)
@@ -82,7 +121,8 @@ class Recipe(Hyperparameters):
 
     A model spec's recipe is used exactly as written. The ``d2l`` recipe is derived from it: the
     same epochs, batch and input size, the seed's optimiser and learning rate, and nothing else
-    (no momentum, weight decay, schedule, smoothing, augmentation or normalisation; Xavier init).
+    (no momentum, weight decay, schedule, smoothing, augmentation, mixing, EMA, clipping or
+    normalisation; Xavier init).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -102,7 +142,7 @@ class Recipe(Hyperparameters):
         return Hyperparameters(
             epochs=self.epochs, batch_size=self.batch_size, input_size=self.input_size,
             optimizer=self.seed_optimizer, lr=self.seed_lr or self.lr, momentum=0.0, nesterov=False,
-            weight_decay=0.0, schedule="constant", warmup=0.0, label_smoothing=0.0, augment=False,
+            weight_decay=0.0, schedule="constant", warmup=0.0, label_smoothing=0.0, augment="none",
             normalize=False, init="xavier",
         )  # fmt: skip
 
@@ -233,7 +273,9 @@ class Batches(Protocol):
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(images, labels)`` of ``epoch``: float32 (B, C, S, S) resized, normalised and (train,
-        if the config says so) augmented; int64 labels. The order and augmentation depend only on
+        if the config says so) augmented; int64 labels, except for training batches with ``mixup``
+        or ``cutmix`` on: then float32 (B, num_classes) probabilities (``F.cross_entropy`` takes
+        either; ``labels.argmax(1)`` is each image's larger share). The order and augmentation depend only on
         (seed, epoch), so a resumed run sees the same batches."""
         ...
 
@@ -284,6 +326,11 @@ class TrainingRun(Protocol):
         """The epoch being trained, 1-based (0 before the first); after it completes, epochs done."""
         ...
 
+    inference_model: nn.Module | None
+    """The module whose weights are the run's result, when it is not the one being trained (an
+    exponential moving average of the weights): ``best`` and ``last`` save it and the end-of-run
+    test evaluates it. ``None`` (the default): the trained model itself. Set it before the first
+    ``epoch_completed``; pass it to :meth:`evaluate` too."""
     step: int
     """Optimisation steps since the run began, across resumes (the schedule's clock). The trainer
     advances it by one per optimiser step; it is saved with every epoch."""

@@ -21,7 +21,7 @@ def test_every_field_is_documented() -> None:
 def test_d2l_recipe_is_the_seeds() -> None:
     config = resolve_config(overrides={"model": "lenet", "recipe": "d2l"})
     assert (config.optimizer, config.momentum, config.schedule, config.weight_decay) == ("sgd", 0.0, "constant", 0.0)
-    assert (config.augment, config.normalize, config.init, config.label_smoothing) == (False, False, "xavier", 0.0)
+    assert (config.augment, config.normalize, config.init, config.label_smoothing) == ("none", False, "xavier", 0.0)
     recipe = MODELS.get("lenet").recipe
     assert (config.lr, config.batch_size, config.input_size, config.epochs) == (
         recipe.seed_lr, recipe.batch_size, recipe.input_size, 10,
@@ -154,7 +154,7 @@ def test_a_plugin_models_recipe_is_used_as_written(fancy_plugin) -> None:  # typ
 def test_d2l_recipe_of_a_plugin_honours_its_seed_optimizer(fancy_plugin) -> None:  # type: ignore[no-untyped-def]
     config = resolve_config(overrides={"model": "fancy", "recipe": "d2l"})
     assert (config.optimizer, config.lr, config.batch_size, config.input_size, config.epochs) == ("adamw", 0.002, 48, 40, 7)
-    assert (config.schedule, config.weight_decay, config.augment, config.normalize) == ("constant", 0.0, False, False)
+    assert (config.schedule, config.weight_decay, config.augment, config.normalize) == ("constant", 0.0, "none", False)
 
 
 @pytest.mark.parametrize("name", MODELS.names())

@@ -69,6 +69,7 @@ def fake_run(tmp_path: Path, accs: list[float], **members: Any) -> Any:
         environment={"cnnkit": "0.0", "device": "cpu", "world_size": 1},
         resumes=(),
         test_report={},
+        inference_model=None,
     )
     for name, value in members.items():
         setattr(run, name, value)
@@ -145,7 +146,7 @@ def test_checkpointer_saves_best_only_when_it_improves(tmp_path: Path, monkeypat
     run = fake_run(tmp_path, [0.5, 0.7], model="the model", meta=meta, resume_point=lambda: "resume point")
     Checkpointer().epoch_completed(run)
     assert [name for name, _ in saved] == ["best.safetensors", "last.safetensors", "state.safetensors"]
-    assert saved[0][1] == {"epoch": 2, "metrics": run.metrics} and saved[2][1] == "resume point"
+    assert saved[0][1] == {"epoch": 2, "metrics": run.metrics, "ema": None} and saved[2][1] == "resume point"
     assert run.saved_epoch == 2
     saved.clear()
     run.epoch, run.metrics = 3, row(3, 0.6)

@@ -337,7 +337,7 @@ def test_plugin_model_trains_exports_loads_and_predicts(
     run_dir = tmp_path / "run"
     trained = runner.invoke(app, [
         "train", "efficientnet_b0", "--dataset", "coil20", "--data", str(data), "--epochs", "1",
-        "--input-size", "16", "--batch-size", "6", "--device", "cpu", "--no-augment", "--out", str(run_dir), "-q",
+        "--input-size", "16", "--batch-size", "6", "--device", "cpu", "--augment", "none", "--out", str(run_dir), "-q",
     ])  # fmt: skip
     assert trained.exit_code == 0, trained.output
     meta = read_meta(run_dir)

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from cnnkit.data.augment import Augmentation
 from cnnkit.protocols import ImageTensors
 
 __all__ = ["BatchLoader", "resize_uint8", "to_float"]
@@ -87,8 +88,10 @@ class BatchLoader:
     """Batches of one in-memory split, transformed on ``device``; reproducible per (seed, epoch).
 
     Yields ``(images, labels)``: float32 (B, C, image_size, image_size) scaled to 0..1 and, when
-    ``mean``/``std`` are given, normalised; int64 labels. ``augment`` adds a random crop from a
-    zero-padded image (pad = image_size / 8) and a horizontal flip, drawn per example.
+    ``mean``/``std`` are given, normalised; int64 labels. ``augment=True`` adds a random crop from a
+    zero-padded image (pad = image_size / 8) and a horizontal flip, drawn per example;
+    ``augmentation`` says more (TrivialAugment, RandAugment, random erasing, mixup, cutmix: see
+    :mod:`cnnkit.data.augment`). With mixup or cutmix on, labels are float (B, K) probabilities.
 
     ``shard=(part, parts)`` (distributed training): ``batch_size`` stays the global batch; each
     process yields its contiguous part of every global batch (sizes differ by at most one; an
@@ -106,6 +109,7 @@ class BatchLoader:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         augment: bool = False,
+        augmentation: Augmentation | None = None,
         shuffle: bool = False,
         seed: int = 0,
         device: torch.device | str = "cpu",
@@ -121,7 +125,8 @@ class BatchLoader:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.image_size = image_size
-        self.augment = augment
+        self.augmentation = augmentation or Augmentation(mode="crop-flip" if augment else "none")
+        self.augment = self.augmentation.active
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
@@ -143,12 +148,11 @@ class BatchLoader:
         channels = images.shape[1]
         self.mean = self._stat(mean, channels)
         self.std = self._stat(std, channels)
-        # A black pixel after normalisation: what augmentation pads normalised batches with.
-        self._pad_value = (
-            torch.zeros_like(self.mean).sub_(self.mean).div_(self.std)
-            if self.mean is not None and self.std is not None
-            else None
-        )
+        # A black pixel after normalisation: what augmentation pads normalised batches with
+        # (TrivialAugment and RandAugment crop before normalising: they pad with 0).
+        self._pad: torch.Tensor | None = None
+        if self.mean is not None and self.std is not None and not self.augmentation.policy:
+            self._pad = torch.zeros_like(self.mean).sub_(self.mean).div_(self.std)
 
     def _stat(self, values: Sequence[float] | None, channels: int) -> torch.Tensor | None:
         if values is None:
@@ -202,14 +206,26 @@ class BatchLoader:
         per_chunk = self._batches_per_chunk()
         groups = [parts[first : first + per_chunk] for first in range(0, len(parts), per_chunk)]
 
+        plan = self.augmentation
+        # Mixing pairs row j of a global batch with row size-1-j. One process has both in its batch;
+        # with several, each also gathers the rows its own are paired with (and augments them the
+        # same way), so every process mixes exactly what one process would.
+        partners = plan.mixing and world > 1
+
         def rows(group: list[tuple[int, int, int, int]]) -> torch.Tensor | None:
             kept = [part for part in group if part[2] < part[3]]
             if not kept:
                 return None
             if world == 1:
                 return order[group[0][0] : group[-1][0] + group[-1][1]]
-            return torch.cat([order[start + low : start + high] for start, _, low, high in kept])
+            pieces = []
+            for start, size, low, high in kept:
+                pieces.append(order[start + low : start + high])
+                if partners:
+                    pieces.append(order[start + size - high : start + size - low])
+            return torch.cat(pieces)
 
+        normalize = (self.mean, self.std) if plan.policy and self.mean is not None and self.std is not None else None
         for group, gathered in zip(groups, self._prefetched([rows(g) for g in groups]), strict=True):
             if gathered is not None:
                 # A chunk of consecutive batches is gathered, moved, converted and normalised at
@@ -221,15 +237,26 @@ class BatchLoader:
                 labels = self._move(chunk_labels)
             offset = 0
             for _, size, low, high in group:
+                # Drawn for the whole global batch, even by a process with no rows in it: every
+                # process's generator stays in step, and each takes its own rows of the draws.
+                draws = plan.draw(size, self.image_size, generator) if plan.active else None
                 if low == high:
-                    if self.augment:
-                        self._draw(size, generator)  # keep the generator in step with the other processes
                     continue
-                x = images[offset : offset + high - low]
-                y = labels[offset : offset + high - low]
-                offset += high - low
-                if self.augment:
-                    x = self._augment(x, generator, (size, low, high))
+                n = high - low
+                x, y = images[offset : offset + n], labels[offset : offset + n]
+                offset += n
+                if draws is not None:
+                    x = plan.apply(x, draws, slice(low, high), normalize=normalize, pad_value=self._pad)
+                    if plan.mixing:
+                        if partners:
+                            other = images[offset : offset + n]
+                            other = plan.apply(other, draws, slice(size - high, size - low), normalize=normalize,
+                                               pad_value=self._pad).flip(0)  # fmt: skip
+                            other_labels = labels[offset : offset + n].flip(0)
+                            offset += n
+                        else:
+                            other, other_labels = x.flip(0), y.flip(0)
+                        x, y = plan.mix(x, y, (other, other_labels), draws)
                 if self.channels_last:  # a no-op on a slice of a channels-last chunk
                     x = x.contiguous(memory_format=torch.channels_last)
                 yield x, y
@@ -276,43 +303,9 @@ class BatchLoader:
     def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 rows -> float32 on the device at ``image_size``, normalised when mean/std are given."""
         x = to_float(self._move(batch), self.image_size)
-        if self.mean is not None and self.std is not None:
+        # TrivialAugment and RandAugment work on 0..1 images: they normalise each batch after.
+        if self.mean is not None and self.std is not None and not self.augmentation.policy:
             x = x.sub_(self.mean).div_(self.std)
         if self.channels_last and not self.augment:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
-
-    def _draw(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Crop offsets (dy, dx) and flips for ``size`` examples, from the CPU generator so the draw
-        is identical on every device and in every process."""
-        pad = max(1, round(self.image_size / 8))
-        dy = torch.randint(0, 2 * pad + 1, (size,), generator=generator)
-        dx = torch.randint(0, 2 * pad + 1, (size,), generator=generator)
-        flip = torch.rand(size, generator=generator) < 0.5
-        return dy, dx, flip
-
-    def _augment(
-        self, x: torch.Tensor, generator: torch.Generator, part: tuple[int, int, int] | None = None
-    ) -> torch.Tensor:
-        """Random crop from a zero-padded image and a horizontal flip, per example, on the device.
-
-        ``x`` is already normalised: the padding is what a black (0) pixel normalises to, so the
-        result is exactly that of padding with zeros first and normalising after."""
-        b, c, h, w = x.shape
-        pad = max(1, round(self.image_size / 8))
-        if self._pad_value is None:
-            padded = F.pad(x, (pad, pad, pad, pad))
-        else:
-            padded = x.new_empty((b, c, h + 2 * pad, w + 2 * pad))
-            padded.copy_(self._pad_value.expand_as(padded))
-            padded[:, :, pad : pad + h, pad : pad + w] = x
-        # Drawn for the whole global batch, then this process's rows: sharding changes nothing.
-        size, low, high = part if part is not None else (b, 0, b)
-        dy, dx, flip = (t[low:high].to(x.device) for t in self._draw(size, generator))
-        rows = (torch.arange(h, device=x.device).view(1, h) + dy.view(b, 1)).view(b, 1, h, 1)
-        cols = torch.arange(w, device=x.device).view(1, w).expand(b, w)
-        cols = torch.where(flip.view(b, 1), cols.flip(1), cols) + dx.view(b, 1)
-        cols = cols.view(b, 1, 1, w)
-        batch_index = torch.arange(b, device=x.device).view(b, 1, 1, 1)
-        channels = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
-        return padded[batch_index, channels, rows, cols]

@@ -94,6 +94,8 @@ class Run:
     environment: dict[str, Any] = field(default_factory=dict)
     """What config.json records of the environment (the driver fills it in before STARTED)."""
     state: RunState = field(default_factory=RunState)
+    inference_model: nn.Module | None = None
+    """Set by the trainer when the run's result is not the trained module (an EMA): checkpoints save it."""
     optimizer: torch.optim.Optimizer | None = None
     started: bool = False
     _epoch_started_at: float = 0.0
@@ -259,8 +261,11 @@ class Run:
             "shard": self.strategy.shard(),  # this process's part of every global batch
         }
         if split == "train":
+            from cnnkit.data.augment import Augmentation
+
             loader = BatchLoader(
-                self.data.train, batch_size=config.batch_size, augment=config.augment, shuffle=True,
+                self.data.train, batch_size=config.batch_size, shuffle=True,
+                augmentation=Augmentation.from_config(config, len(self.data.classes)),
                 seed=config.seed, drop_last=self.strategy.drop_last(len(self.data.train), config.batch_size),
                 **common,
             )  # fmt: skip

@@ -229,7 +229,7 @@ def _test_report(run: Run, net: nn.Module) -> dict[str, Any]:
                      for i, (name, n) in enumerate(zip(run.data.classes, support, strict=True))}  # fmt: skip
         return {"epoch": epoch, "test_loss": loss, "test_acc": accuracy, "per_class": per_class}
 
-    report = {"final": measured(run.epoch, net)}
+    report = {"final": measured(run.epoch, run.inference_model or net)}
     if run.best_epoch == run.epoch:
         report["best"] = report["final"]
     elif run.best_epoch and run.dir.best.is_file():

@@ -28,8 +28,11 @@ class Checkpointer:
         return [(Events.EPOCH_COMPLETED, self.epoch_completed)]
 
     def _save(self, run: Run, path: Path) -> None:
-        meta = run.meta.model_copy(update={"epoch": run.epoch, "metrics": dict(run.metrics)})
-        save_weights(path, run.model, meta)
+        averaged = run.config.ema if run.inference_model is not None else None
+        meta = run.meta.model_copy(update={"epoch": run.epoch, "metrics": dict(run.metrics), "ema": averaged})
+        # With an EMA of the weights, best and last hold the average (what eval and export use); the
+        # trained weights themselves travel in the resume point.
+        save_weights(path, run.inference_model or run.model, meta)
 
     def epoch_completed(self, run: Run) -> None:
         # Ctrl-C must not cut the three writes apart: whatever state says, best and last agree.

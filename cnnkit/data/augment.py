@@ -1,0 +1,309 @@
+"""Training-batch augmentation on the device, one random draw per image, for whole batches at once.
+
+torchvision's v2 transforms accept batched tensors but draw once per call: a batch would get one
+crop, one TrivialAugment op and one erasing box for all its images. Here every draw is per image
+(or, for mixup and cutmix, per batch as the papers and timm do) and comes from the loader's CPU
+generator seeded by (seed, epoch), made for the *global* batch and then sliced to this process's
+rows: one process, N processes and a resumed run see exactly the same images.
+
+The pipeline, in order (each stage off unless the config turns it on):
+
+1. ``crop-flip``: random crop of a zero-padded image (pad = side / 8) and a horizontal flip;
+2. ``trivial`` / ``randaugment`` (after 1): TrivialAugmentWide (Müller & Hutter, ICCV 2021) or
+   RandAugment (Cubuk et al., NeurIPS 2020), with torchvision's operation set and magnitude bins,
+   on 0..1 images before normalisation (their colour operations are defined there);
+3. normalisation (mean/std), when not already done for the whole chunk;
+4. ``random_erasing``: a box of 2-33 % of the image, aspect 0.3-3.3, set to 0 after normalisation
+   (the dataset's mean), with the given probability per image (Zhong et al., AAAI 2020);
+5. ``mixup`` / ``cutmix`` (Zhang et al., ICLR 2018; Yun et al., ICCV 2019): each image mixed with
+   its mirror in the global batch (``x.flip(0)``, as timm does); one lambda per batch from
+   Beta(alpha, alpha); with both on, one of the two per batch. Labels become (B, K) probabilities.
+
+The per-operation kernels reuse ``torchvision.transforms.v2.functional`` wherever it works on a
+batch (equalize, autocontrast, and each colour operation's degenerate image); only the per-image
+blend factors and the per-image affine matrices (one ``grid_sample`` for all geometric ops) are
+written here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["AUGMENT_MODES", "Augmentation", "Draws"]
+
+AUGMENT_MODES = ("none", "crop-flip", "trivial", "randaugment")
+_BINS = 31  # torchvision's magnitude bins for both policies
+_OPS = (
+    "Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
+    "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize",
+)  # fmt: skip
+_GEOMETRIC = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"}
+_SIGNED = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast", "Sharpness"}
+
+Draws = dict[str, torch.Tensor]
+"""The random numbers of one global batch: per-image tensors (leading dimension = batch size) and
+per-batch scalars (names starting with ``batch_``)."""
+
+
+def _magnitudes(policy: str, side: int) -> dict[str, torch.Tensor]:
+    """The 31 magnitude bins of each operation, as torchvision's TrivialAugmentWide and RandAugment
+    define them (translations in pixels, rotation in degrees, posterize in bits kept)."""
+    wide = policy == "trivial"
+    linspace = lambda stop: torch.linspace(0.0, stop, _BINS)  # noqa: E731
+    bits = 6 if wide else 4
+    return {
+        "Identity": torch.zeros(_BINS),
+        "ShearX": linspace(0.99 if wide else 0.3),
+        "ShearY": linspace(0.99 if wide else 0.3),
+        "TranslateX": linspace(32.0 if wide else 150.0 / 331.0 * side),
+        "TranslateY": linspace(32.0 if wide else 150.0 / 331.0 * side),
+        "Rotate": linspace(135.0 if wide else 30.0),
+        "Brightness": linspace(0.99 if wide else 0.9),
+        "Color": linspace(0.99 if wide else 0.9),
+        "Contrast": linspace(0.99 if wide else 0.9),
+        "Sharpness": linspace(0.99 if wide else 0.9),
+        "Posterize": 8 - (torch.arange(_BINS) / ((_BINS - 1) / bits)).round(),
+        "Solarize": torch.linspace(1.0, 0.0, _BINS),
+        "AutoContrast": torch.zeros(_BINS),
+        "Equalize": torch.zeros(_BINS),
+    }
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """What the training loader does to each batch (see the module docstring for the order)."""
+
+    mode: str = "none"
+    """One of :data:`AUGMENT_MODES`."""
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    random_erasing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    num_classes: int = 0
+    """Needed for the probability labels of mixup and cutmix."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in AUGMENT_MODES:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENT_MODES)}, not {self.mode!r}")
+        if self.mixing and self.num_classes < 1:
+            raise ValueError("mixup and cutmix need num_classes")
+
+    @classmethod
+    def from_config(cls, config: Any, num_classes: int) -> Augmentation:
+        """The training augmentation a run's config asks for."""
+        return cls(
+            mode=config.augment, randaugment_ops=config.randaugment_ops,
+            randaugment_magnitude=config.randaugment_magnitude, random_erasing=config.random_erasing,
+            mixup=config.mixup, cutmix=config.cutmix, num_classes=num_classes,
+        )  # fmt: skip
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "none" or self.random_erasing > 0 or self.mixing
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+    @property
+    def policy(self) -> bool:
+        """TrivialAugment or RandAugment: needs the batch before normalisation."""
+        return self.mode in ("trivial", "randaugment")
+
+    # -- drawing (CPU generator, for the whole global batch) ----------------------------------------
+    def draw(self, size: int, side: int, generator: torch.Generator) -> Draws:
+        """Every random number batch augmentation needs for a global batch of ``size`` images of
+        ``side`` px. The order of the draws is fixed (crop-flip first, as it always was)."""
+        draws: Draws = {}
+        if self.mode != "none":
+            pad = max(1, round(side / 8))
+            draws["dy"] = torch.randint(0, 2 * pad + 1, (size,), generator=generator)
+            draws["dx"] = torch.randint(0, 2 * pad + 1, (size,), generator=generator)
+            draws["flip"] = torch.rand(size, generator=generator) < 0.5
+        if self.policy:
+            rounds = self.randaugment_ops if self.mode == "randaugment" else 1
+            # (size, rounds): image first, like every other per-image draw, so rows slice them.
+            draws["op"] = torch.randint(0, len(_OPS), (size, rounds), generator=generator)
+            if self.mode == "randaugment":
+                bins = torch.full((size, rounds), self.randaugment_magnitude, dtype=torch.long)
+            else:
+                bins = torch.randint(0, _BINS, (size, rounds), generator=generator)
+            sign = torch.where(torch.rand((size, rounds), generator=generator) < 0.5, -1.0, 1.0)
+            table = _magnitudes(self.mode, side)
+            values = torch.stack([table[name] for name in _OPS])  # (ops, bins)
+            signed = torch.tensor([name in _SIGNED for name in _OPS])
+            value = values[draws["op"], bins]
+            draws["value"] = torch.where(signed[draws["op"]], value * sign, value)
+        if self.random_erasing > 0:
+            draws["erase"] = torch.rand(size, generator=generator) < self.random_erasing
+            draws["erase_area"] = torch.empty(size).uniform_(0.02, 1 / 3, generator=generator)
+            draws["erase_ratio"] = torch.empty(size).uniform_(math.log(0.3), math.log(1 / 0.3), generator=generator).exp()
+            draws["erase_top"] = torch.rand(size, generator=generator)
+            draws["erase_left"] = torch.rand(size, generator=generator)
+        if self.mixing:
+            # torch has no seeded Beta sampler: a seed drawn from the generator feeds numpy's.
+            import numpy as np
+
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            use_cutmix = self.cutmix > 0 and (self.mixup == 0 or rng.random() < 0.5)
+            alpha = self.cutmix if use_cutmix else self.mixup
+            draws["batch_cutmix"] = torch.tensor(use_cutmix)
+            draws["batch_lam"] = torch.tensor(float(rng.beta(alpha, alpha)))
+            draws["batch_centre"] = torch.tensor([rng.random(), rng.random()])
+        return draws
+
+    # -- applying (on the device, to this process's rows) ---------------------------------------
+    def apply(
+        self,
+        x: torch.Tensor,
+        draws: Draws,
+        rows: slice,
+        *,
+        normalize: tuple[torch.Tensor, torch.Tensor] | None = None,
+        pad_value: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Stages 1-4 for rows ``rows`` of the global batch. ``normalize``: (mean, std) when ``x``
+        is still 0..1 and must be normalised here; ``pad_value``: what a black pixel is in ``x``."""
+        # The operation choices stay on the CPU: selecting each operation's images needs no sync.
+        mine = {k: v[rows] if k == "op" else v[rows].to(x.device) for k, v in draws.items() if not k.startswith("batch_")}
+        if self.mode != "none":
+            x = _crop_flip(x, mine["dy"], mine["dx"], mine["flip"], pad_value)
+        if self.policy:
+            for round_ in range(mine["op"].shape[1]):
+                x = _apply_ops(x, mine["op"][:, round_], draws["value"][rows, round_])
+        if normalize is not None:
+            x = x.sub(normalize[0]).div_(normalize[1])
+        if self.random_erasing > 0:
+            x = _erase(x, mine)
+        return x
+
+    def mix(
+        self, x: torch.Tensor, labels: torch.Tensor, partner: tuple[torch.Tensor, torch.Tensor], draws: Draws
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 5: ``x`` mixed with ``partner`` (its images and labels, already in partner order);
+        the labels become probabilities (B, num_classes)."""
+        lam = float(draws["batch_lam"])
+        other, other_labels = partner
+        if bool(draws["batch_cutmix"]):
+            h, w = x.shape[-2:]
+            cut = math.sqrt(1.0 - lam)
+            ch, cw = int(h * cut), int(w * cut)
+            cy, cx = int(draws["batch_centre"][0] * h), int(draws["batch_centre"][1] * w)
+            top, bottom = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+            left, right = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+            x = x.clone()
+            x[:, :, top:bottom, left:right] = other[:, :, top:bottom, left:right]
+            lam = 1.0 - (bottom - top) * (right - left) / (h * w)  # the area actually pasted
+        else:
+            x = other.mul(1.0 - lam).add_(x, alpha=lam)
+        one_hot = F.one_hot(labels, self.num_classes).float()
+        target = one_hot.mul_(lam).add_(F.one_hot(other_labels, self.num_classes).float(), alpha=1.0 - lam)
+        return x, target
+
+
+def _crop_flip(
+    x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad_value: torch.Tensor | None
+) -> torch.Tensor:
+    """Random crop from a padded image and a horizontal flip, per example, in one gather."""
+    b, c, h, w = x.shape
+    pad = max(1, round(max(h, w) / 8))
+    if pad_value is None:
+        padded = F.pad(x, (pad, pad, pad, pad))
+    else:
+        padded = x.new_empty((b, c, h + 2 * pad, w + 2 * pad))
+        padded.copy_(pad_value.expand_as(padded))
+        padded[:, :, pad : pad + h, pad : pad + w] = x
+    rows = (torch.arange(h, device=x.device).view(1, h) + dy.view(b, 1)).view(b, 1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, w).expand(b, w)
+    cols = (torch.where(flip.view(b, 1), cols.flip(1), cols) + dx.view(b, 1)).view(b, 1, 1, w)
+    batch_index = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+    channels = torch.arange(c, device=x.device).view(1, -1, 1, 1)
+    return padded[batch_index, channels, rows, cols]
+
+
+def _apply_ops(x: torch.Tensor, ops: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Operation ``_OPS[ops[i]]`` with value ``values[i]`` on image i (0..1 floats); ``ops`` and
+    ``values`` are on the CPU, so choosing each operation's images costs the device no sync."""
+    import torchvision.transforms.v2.functional as TF
+
+    x = x.clone()
+    geometric = torch.tensor([_OPS[int(k)] in _GEOMETRIC for k in ops])
+    if geometric.any():
+        index = geometric.nonzero().flatten()
+        where = index.to(x.device)
+        x[where] = _affine(x[where], ops[index], values[index])
+    for k, name in enumerate(_OPS):
+        index = (ops == k).nonzero().flatten()
+        if name in _GEOMETRIC or name == "Identity" or index.numel() == 0:
+            continue
+        where = index.to(x.device)
+        part, value = x[where], values[index].to(x.device).view(-1, 1, 1, 1)
+        if name == "Brightness":
+            part = _blend(torch.zeros_like(part), part, 1.0 + value)
+        elif name == "Color":
+            part = _blend(TF.adjust_saturation(part, 0.0), part, 1.0 + value) if part.shape[1] == 3 else part
+        elif name == "Contrast":
+            part = _blend(TF.adjust_contrast(part, 0.0), part, 1.0 + value)
+        elif name == "Sharpness":
+            part = _blend(TF.adjust_sharpness(part, 0.0), part, 1.0 + value)
+        elif name == "Posterize":
+            keep = (2 ** (8 - value)).to(torch.int32)  # values differ per image: mask the low bits by hand
+            part = torch.div(part.mul(255).round_().to(torch.int32), keep, rounding_mode="floor").mul_(keep).float().div_(255)
+        elif name == "Solarize":
+            part = torch.where(part >= value, 1.0 - part, part)
+        elif name == "AutoContrast":
+            part = TF.autocontrast(part)
+        elif name == "Equalize":
+            part = TF.equalize(part)
+        x[where] = part
+    return x
+
+
+def _blend(degenerate: torch.Tensor, image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """PIL's ImageEnhance: ``degenerate + factor * (image - degenerate)``, clamped to 0..1."""
+    return degenerate.add(image.sub(degenerate).mul_(factor)).clamp_(0.0, 1.0)
+
+
+def _affine(x: torch.Tensor, ops: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Shear, translate or rotate each image about its centre (nearest neighbour, black fill, as
+    torchvision's policies do), all in one ``grid_sample`` with a matrix per image (made on the CPU
+    from ``ops`` and ``values``, then moved)."""
+    b, _, h, w = x.shape
+    kind = {name: ops == _OPS.index(name) for name in _GEOMETRIC}
+    v = values.float()
+    angle = torch.where(kind["Rotate"], v, 0.0).deg2rad()
+    cos, sin = angle.cos(), angle.sin()
+    # theta maps output coordinates to input ones in [-1, 1] (the inverse of the transform); the
+    # h/w factors keep shears and rotations true in pixels on non-square images.
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = cos, cos
+    theta[:, 0, 1] = torch.where(kind["ShearX"], -v, -sin) * h / w
+    theta[:, 1, 0] = torch.where(kind["ShearY"], -v, sin) * w / h
+    theta[:, 0, 2] = torch.where(kind["TranslateX"], -2.0 * v / w, 0.0)
+    theta[:, 1, 2] = torch.where(kind["TranslateY"], -2.0 * v / h, 0.0)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def _erase(x: torch.Tensor, draws: Draws) -> torch.Tensor:
+    """Random erasing: each chosen image's box set to 0 (after normalisation: the dataset's mean)."""
+    _, _, h, w = x.shape
+    area, ratio = draws["erase_area"], draws["erase_ratio"]
+    eh = (area * ratio).sqrt().mul(h).round().clamp(1, h)
+    ew = (area / ratio).sqrt().mul(w).round().clamp(1, w)
+    top = (draws["erase_top"] * (h - eh + 1)).floor()
+    left = (draws["erase_left"] * (w - ew + 1)).floor()
+    ys = torch.arange(h, device=x.device).view(1, h, 1)
+    xs = torch.arange(w, device=x.device).view(1, 1, w)
+    inside = (
+        (ys >= top.view(-1, 1, 1)) & (ys < (top + eh).view(-1, 1, 1))
+        & (xs >= left.view(-1, 1, 1)) & (xs < (left + ew).view(-1, 1, 1))
+        & draws["erase"].view(-1, 1, 1)
+    )  # fmt: skip
+    return x.masked_fill(inside.unsqueeze(1), 0.0)
