@@ -8,12 +8,21 @@ dynamic batch axis; output ``logits`` (batch, K)). This module fills the graph's
 JSON, as in a ``.safetensors`` file) and, with ``--check``, compares ONNX Runtime's logits with
 PyTorch's.
 
-The exporter is PyTorch's TorchScript-based one (``torch.onnx.export(..., dynamo=False)``) at
-opset :data:`OPSET`: it needs only the ``onnx`` package and exports these networks in a fraction
-of a second, where the ``torch.export``-based exporter also needs ``onnxscript`` and took about
-4 s per model here (PyTorch 2.14). It cannot express adaptive average pooling whose output side
-does not divide its input side (AlexNet, VGG and LeNet away from their recipe sizes), so such
-layers are exported as the two constant averaging matrices that the pooling is at the traced size.
+The graph is written by PyTorch's ``torch.export``-based exporter (``torch.onnx.export(...,
+dynamo=True)``, which needs ``onnxscript``) at opset :data:`OPSET`, with its optimiser on (batch
+norm folded into the convolutions, constants folded). Every built-in model and the EfficientNet
+plugin exports through it (a test each), so none of them uses the fallback: PyTorch's
+TorchScript-based exporter (``dynamo=False``), which its documentation deprecates. That fallback
+is kept for one case, a model ``torch.export`` cannot capture: Python control flow on tensor
+*values* (``if x.sum() > 0:``, a plugin's data-dependent early exit), which ``torch.export``
+refuses to guess where TorchScript's tracer records the branch the example input took. Such an
+export warns that it fell back and why, says so in the ``exporter`` metadata, and is checked in
+ONNX Runtime like any other. The exporters cost about 1-3 s (LeNet-BN, ResNet-18) and 0.1-0.4 s
+per model here (PyTorch 2.14, a busy 2-core machine).
+
+Adaptive average pooling whose output side does not divide its input side (AlexNet, VGG and
+LeNet away from their recipe sizes) is exported as the two constant averaging matrices that the
+pooling is at the traced size, whichever exporter runs (:mod:`cnnkit.onnx_pooling` says why).
 
 Reading and running a ``.onnx`` file (:func:`load_onnx`, :func:`predict_onnx`,
 :func:`read_onnx_info`) lives in the torch-free :mod:`cnnkit.onnx_runtime`; those names are
@@ -23,20 +32,21 @@ re-exported here so ``cnnkit.onnx_export`` keeps its public API.
 from __future__ import annotations
 
 import contextlib
-import functools
+import inspect
 import io
 import json
-import math
+import logging
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from cnnkit._version import __version__
-from cnnkit.errors import UsageError, WeightsError
+from cnnkit.errors import UsageError
+from cnnkit.onnx_check import DEFAULT_TOLERANCE, OnnxCheck, check_onnx, verified
+from cnnkit.onnx_pooling import exportable_pooling
 from cnnkit.onnx_runtime import (
     INPUT_NAME,
     INSTALL_HINT,
@@ -44,15 +54,12 @@ from cnnkit.onnx_runtime import (
     OUTPUT_NAME,
     OnnxInfo,
     OnnxModel,
-    first_line,
     load_onnx,
     optional_import,
     predict_onnx,
     read_onnx_info,
     require,
-    session_options,
 )
-from cnnkit.prediction import prepare_batch
 
 if TYPE_CHECKING:
     import torch
@@ -67,32 +74,40 @@ __all__ = [
     "DEFAULT_TOLERANCE",
     "INSTALL_HINT",
     "METADATA_KEYS",
+    "EXPORTERS",
     "OnnxInfo",
+    "OnnxGraph",
     "OnnxCheck",
     "OnnxExport",
     "OnnxModel",
     "require",
+    "export_graph",
     "model_to_onnx",
+    "metadata_props",
     "check_onnx",
+    "check_target",
+    "check_plan",
+    "verified",
+    "write_graph",
+    "quiet",
     "export_onnx",
     "read_onnx_info",
     "load_onnx",
     "predict_onnx",
 ]
 
-OPSET = 17
+OPSET = 18
 """The ONNX opset the graphs are written in (ONNX Runtime 1.14 and later run it)."""
-DEFAULT_TOLERANCE = 1e-3
-"""Largest accepted |ONNX Runtime - PyTorch| logit difference, relative to the largest logit
-magnitude when that exceeds 1 (so it is absolute for small logits)."""
-CHECK_EXAMPLES = 8
-"""Images in the check batch (not the traced batch of 2, so the dynamic axis is exercised too)."""
+EXPORTERS = ("auto", "torch.export", "torchscript")
+"""``auto``: ``torch.export``, falling back to TorchScript only for a model ``torch.export`` cannot
+capture; the other two use that exporter alone."""
 
 
 # -- metadata ---------------------------------------------------------------------------------------
 
 
-def _metadata_props(meta: WeightsMeta) -> dict[str, str]:
+def metadata_props(meta: WeightsMeta, exporter: str) -> dict[str, str]:
+    """The ``metadata_props`` of ``meta``'s graph (see :data:`METADATA_KEYS`)."""
     normalised = meta.mean is not None and meta.std is not None
     colour = "grayscale" if meta.in_channels == 1 else "RGB"
     steps = f"{colour} pixels / 255, resized to {meta.input_size}x{meta.input_size} (bilinear, antialiased)"
@@ -107,201 +122,132 @@ def _metadata_props(meta: WeightsMeta) -> dict[str, str]:
         "std": json.dumps(meta.std if normalised else None),
         "preprocessing": f"{steps}; NCHW float32 input '{INPUT_NAME}', output '{OUTPUT_NAME}'",
         "cnnkit_version": __version__,
+        "exporter": exporter,
     }
 
 
 # -- export -----------------------------------------------------------------------------------------
 
 
-def _pool_matrix(size_in: int, size_out: int) -> torch.Tensor:
-    """(size_out, size_in) weights of 1-D adaptive average pooling: window i is floor(i*n/m)..ceil((i+1)*n/m)."""
-    import torch
-
-    matrix = torch.zeros(size_out, size_in)
-    for i in range(size_out):
-        start, end = (i * size_in) // size_out, -(-(i + 1) * size_in // size_out)
-        matrix[i, start:end] = 1.0 / (end - start)
-    return matrix
-
-
-@functools.cache
-def _matrix_pool_class() -> type[nn.Module]:
-    from torch import nn
-
-    class MatrixAveragePool(nn.Module):
-        """Adaptive average pooling at one fixed input size, as ``rows @ x @ cols`` (two MatMuls in ONNX)."""
-
-        def __init__(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
-            super().__init__()
-            self.rows, self.cols = rows, cols
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return (self.rows @ x) @ self.cols
-
-    return MatrixAveragePool
-
-
 @contextlib.contextmanager
-def _exportable_pooling(model: nn.Module, example: torch.Tensor) -> Iterator[None]:
-    """Within the block, adaptive average pools the exporter cannot express are matrix products."""
+def quiet() -> Iterator[None]:
+    """No warnings, log records or prints from the exporters (torch.export logs and prints graphs
+    when it gives up; TorchScript announces its deprecation on every call)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of the deepest cause (torch.onnx wraps torch.export's own error), without colours."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    return (lines or [type(exc).__name__])[0][:200]
+
+
+@dataclass(frozen=True)
+class OnnxGraph:
+    """A serialised graph with its metadata, and which exporter wrote it."""
+
+    data: bytes
+    exporter: str
+    """``torch.export`` or ``TorchScript``."""
+    fallback: str | None = None
+    """Why the TorchScript fallback wrote it (e.g. torch.export's error); None when torch.export did, or
+    TorchScript was asked for."""
+
+
+def _torch_export(model: nn.Module, example: torch.Tensor) -> Any:
     import torch
-    from torch import nn
 
-    def is_global(size: Any) -> bool:
-        return all(side == 1 for side in (size if isinstance(size, tuple) else (size, size)))
-
-    # Pooling to 1x1 (a GlobalAveragePool) always exports; only the others need the input size.
-    pools = {
-        name: m for name, m in model.named_modules()
-        if isinstance(m, nn.AdaptiveAvgPool2d) and not is_global(m.output_size)
-    }  # fmt: skip
-    if not pools:
-        yield
-        return
-    seen: dict[str, set[tuple[int, int]]] = {name: set() for name in pools}
-
-    def record(name: str, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        seen[name].add((int(args[0].shape[-2]), int(args[0].shape[-1])))
-
-    hooks = [m.register_forward_pre_hook(functools.partial(record, name)) for name, m in pools.items()]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    try:
-        for name, pool in pools.items():
-            if len(seen[name]) != 1:
-                continue  # not run, or shared between inputs of several sizes: left to the exporter
-            ((height, width),) = seen[name]
-            out = pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size,) * 2
-            out_h, out_w = out[0] or height, out[1] or width
-            if height % out_h == 0 and width % out_w == 0:
-                continue  # the exporter writes a plain AveragePool (or GlobalAveragePool) here
-            parent_name, _, attribute = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            rows = _pool_matrix(height, out_h).to(example.device)
-            cols = _pool_matrix(width, out_w).T.contiguous().to(example.device)
-            replacement = _matrix_pool_class()(rows, cols)
-            setattr(parent, attribute, replacement)
-            swapped.append((parent, attribute, pool))
-        yield
-    finally:
-        for parent, attribute, original in swapped:
-            setattr(parent, attribute, original)
+    program = torch.onnx.export(
+        model, (example,), None, dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME], dynamic_shapes=({0: "batch"},), optimize=True, verbose=False,
+    )  # fmt: skip
+    assert program is not None  # (only None when writing to a file)
+    return program.model_proto
 
 
-def model_to_onnx(model: nn.Module, meta: WeightsMeta) -> bytes:
-    """Serialised ONNX graph of ``model`` (eval mode) at ``meta``'s channels and input size, with metadata.
+def _torchscript_export(model: nn.Module, example: torch.Tensor) -> Any:
+    import onnx
+    import torch
 
-    The batch axis is dynamic. Raises UsageError (exit 2) when ``onnx`` is missing or the exporter
-    cannot convert the model.
+    buffer = io.BytesIO()
+    destination: Any = buffer  # the TorchScript exporter writes to file objects too; its type hints omit them
+    torch.onnx.export(
+        model, (example,), destination, dynamo=False, opset_version=OPSET,
+        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+    )  # fmt: skip
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def export_graph(model: nn.Module, meta: WeightsMeta, exporter: str = "auto") -> OnnxGraph:
+    """The ONNX graph of ``model`` (eval mode) at ``meta``'s channels and input size, with metadata.
+
+    The batch axis is dynamic. ``exporter`` is one of :data:`EXPORTERS`. Raises UsageError (exit
+    2) when ``onnx`` or (for torch.export) ``onnxscript`` is missing, or no exporter can convert
+    the model.
     """
+    if exporter not in EXPORTERS:
+        raise UsageError(f"exporter '{exporter}' is not one of {', '.join(EXPORTERS)}")
     onnx = require("onnx", "ONNX export")
+    if exporter != "torchscript":
+        require("onnxscript", "ONNX export through torch.export")
     import torch
 
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     example = torch.zeros(2, meta.in_channels, meta.input_size, meta.input_size, device=device)
-    buffer = io.BytesIO()
-    destination: Any = buffer  # the TorchScript exporter writes to file objects too; its type hints omit them
+    where = f"model '{meta.model}' at {meta.in_channels}x{meta.input_size}x{meta.input_size}"
+    fallback: str | None = None
     try:
-        with _exportable_pooling(model, example), warnings.catch_warnings():
-            # The TorchScript exporter announces its deprecation on every call; it is chosen on purpose.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model, (example,), destination, dynamo=False, opset_version=OPSET,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            )  # fmt: skip
+        with exportable_pooling(model, example), quiet():
+            if exporter == "auto" and "dynamic_shapes" not in inspect.signature(torch.onnx.export).parameters:
+                fallback = f"PyTorch {torch.__version__} has no torch.export-based ONNX exporter (2.5 and later have)"
+            if exporter == "torchscript" or fallback is not None:
+                proto, used = _torchscript_export(model, example), "TorchScript"
+            else:
+                try:
+                    proto, used = _torch_export(model, example), "torch.export"
+                except torch.onnx.errors.OnnxExporterError as exc:
+                    if exporter != "auto":
+                        raise
+                    # torch.export could not capture the model (a data-dependent branch, say):
+                    # TorchScript traces what this example did instead; see the module docstring.
+                    fallback = f"torch.export could not capture the model ({_reason(exc)})"
+                    proto, used = _torchscript_export(model, example), "TorchScript"
     except torch.onnx.errors.OnnxExporterError as exc:
         raise UsageError(
-            f"model '{meta.model}' at {meta.in_channels}x{meta.input_size}x{meta.input_size} cannot be exported "
-            f"to ONNX ({first_line(exc)}); export it as --format safetensors instead"
+            f"{where} cannot be exported to ONNX ({_reason(exc)}); export it as --format safetensors instead"
         ) from exc
     finally:
         model.train(was_training)
-    proto = onnx.load_from_string(buffer.getvalue())
-    for key, value in _metadata_props(meta).items():
+    described = f"{used} (torch.onnx.export dynamo={used == 'torch.export'}), PyTorch {torch.__version__}"
+    if fallback is not None:
+        described += f"; the fallback, as {fallback}"
+    del proto.metadata_props[:]
+    for key, value in metadata_props(meta, described).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.doc_string = f"cnnkit {meta.model}: {meta.in_channels}x{meta.input_size}x{meta.input_size} -> {meta.num_classes} logits"
     onnx.checker.check_model(proto)
-    data: bytes = proto.SerializeToString()
-    return data
+    return OnnxGraph(proto.SerializeToString(), used, fallback)
 
 
-@dataclass(frozen=True)
-class OnnxCheck:
-    """ONNX Runtime's logits against PyTorch's on the same batch."""
-
-    max_abs_diff: float
-    max_abs_logit: float
-    tolerance: float
-    examples: int
-    runtime: str
-    """E.g. ``onnxruntime 1.20.1``."""
-
-    @property
-    def limit(self) -> float:
-        """The largest accepted difference: ``tolerance`` scaled by the logits' magnitude when above 1."""
-        return self.tolerance * max(1.0, self.max_abs_logit)
-
-    @property
-    def passed(self) -> bool:
-        return math.isfinite(self.max_abs_diff) and self.max_abs_diff <= self.limit
-
-    def describe(self) -> str:
-        return (
-            f"checked with {self.runtime} on {self.examples} random images: max abs logit difference "
-            f"{self.max_abs_diff:.1e} (tolerance {self.limit:.1e})"
-        )
-
-
-def _check_batch(meta: WeightsMeta, examples: int) -> np.ndarray:
-    # Random pixel images prepared exactly as predict prepares files: inputs in the range and
-    # normalisation the model sees in use, not the all-zero tensor it was traced with.
-    rng = np.random.default_rng(0)
-    side = meta.input_size
-    pixels = [rng.integers(0, 256, (meta.in_channels, side, side), dtype=np.uint8) for _ in range(examples)]
-    return prepare_batch(pixels, side, meta.mean, meta.std)
-
-
-def check_onnx(
-    onnx_model: bytes | str | Path,
-    model: nn.Module,
-    meta: WeightsMeta,
-    tolerance: float = DEFAULT_TOLERANCE,
-    examples: int = CHECK_EXAMPLES,
-) -> OnnxCheck:
-    """Run one batch through ONNX Runtime and through ``model``; the largest logit difference.
-
-    Needs ``onnxruntime`` (UsageError, exit 2, when missing). Does not raise on a mismatch: see
-    :attr:`OnnxCheck.passed`.
-    """
-    ort = require("onnxruntime", "checking an ONNX export")
-    import torch
-
-    batch = _check_batch(meta, examples)
-    source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
-    session = ort.InferenceSession(source, session_options(ort), providers=["CPUExecutionProvider"])
-    (ort_logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch})
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            torch_logits = model(torch.from_numpy(batch).to(device)).float().cpu().numpy()
-    finally:
-        model.train(was_training)
-    if ort_logits.shape != torch_logits.shape:
-        diff = math.inf
-    else:
-        diff = float(np.abs(ort_logits.astype(np.float64) - torch_logits).max())
-    return OnnxCheck(diff, float(np.abs(torch_logits).max()), tolerance, examples, f"onnxruntime {ort.__version__}")
+def model_to_onnx(model: nn.Module, meta: WeightsMeta) -> bytes:
+    """Serialised ONNX graph of ``model`` as :func:`export_graph` (``auto``) writes it."""
+    return export_graph(model, meta).data
 
 
 @dataclass(frozen=True)
@@ -316,13 +262,65 @@ class OnnxExport:
     """None when not checked (see ``unchecked``)."""
     unchecked: str | None = None
     """Why the export was not checked; None when it was, or when checking was turned off."""
+    exporter: str = "torch.export"
+    fallback: str | None = None
+    """Why the TorchScript fallback wrote the graph (see :class:`OnnxGraph`)."""
+    dtype: str = "float32"
+    """``int8`` for a quantised graph (its input and output stay float32)."""
 
     def describe(self) -> str:
         meta = self.meta
+        weights = "int8 weights and activations, " if self.dtype == "int8" else ""
         return (
-            f"wrote {self.path} ({meta.model}, ONNX opset {OPSET}, input batch x {meta.in_channels}x"
+            f"wrote {self.path} ({meta.model}, ONNX opset {OPSET}, {weights}input batch x {meta.in_channels}x"
             f"{meta.input_size}x{meta.input_size} float32, {self.bytes / 1e6:.2f} MB) from {self.source}"
         )
+
+    def fallback_warning(self) -> str | None:
+        """The warning to show when the TorchScript fallback wrote the graph."""
+        if self.fallback is None:
+            return None
+        return (
+            f"{self.meta.model}: {self.fallback}; PyTorch's TorchScript exporter wrote the graph instead, which "
+            "records only the branches its example input took"
+        )
+
+
+def check_target(out: str | Path, force: bool) -> Path:
+    """``--out`` for an ONNX graph: a ``.onnx`` name, not a folder, new unless ``force`` (else exit 2)."""
+    target = Path(out)
+    if target.suffix.lower() != ".onnx":
+        raise UsageError(f"--out {target} must end in .onnx for --format onnx (e.g. --out {target.with_suffix('.onnx')})")
+    if target.is_dir():
+        raise UsageError(f"--out {target} is a folder; name the file, e.g. --out {target / 'model.onnx'}")
+    if target.exists() and not force:
+        raise UsageError(f"{target} already exists; pass --force to overwrite it or choose another --out")
+    return target
+
+
+def check_plan(check: bool | None, tolerance: float) -> str | None:
+    """Whether the export can be checked: None when it will be (or ``check`` is False), else why not.
+
+    A bad ``tolerance``, or ``check=True`` without ``onnxruntime``, is a UsageError (exit 2).
+    """
+    if not (tolerance > 0):
+        raise UsageError(f"--tolerance must be > 0, got {tolerance}")
+    require("onnx", "--format onnx")
+    if check is True:
+        require("onnxruntime", "--check")
+    elif check is None and optional_import("onnxruntime") is None:
+        return f"not checked in ONNX Runtime: onnxruntime is not installed; {INSTALL_HINT}"
+    return None
+
+
+def write_graph(target: Path, data: bytes) -> None:
+    """``data`` to ``target``, atomically (see :func:`cnnkit.fs.atomic_write`)."""
+    from cnnkit.fs import atomic_write
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    atomic_write(target, write)
 
 
 def export_onnx(
@@ -332,45 +330,22 @@ def export_onnx(
     force: bool = False,
     check: bool | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    exporter: str = "auto",
 ) -> OnnxExport:
     """Export a weights file (or run directory) to ``out`` (``.onnx``), atomically.
 
     ``check``: True runs the graph in ONNX Runtime against PyTorch and fails (WeightsError, exit 4,
     nothing written) above ``tolerance``; None does so when ``onnxruntime`` is installed; False
-    skips it. A missing ``onnx`` (or, with ``check=True``, ``onnxruntime``) is a UsageError (exit 2).
+    skips it. A missing ``onnx`` or ``onnxscript`` (or, with ``check=True``, ``onnxruntime``) is a
+    UsageError (exit 2). ``exporter``: see :data:`EXPORTERS`.
     """
     from cnnkit.checkpoint import load_weights, resolve_weights
-    from cnnkit.fs import atomic_write
 
-    target = Path(out)
-    if target.suffix.lower() != ".onnx":
-        raise UsageError(f"--out {target} must end in .onnx for --format onnx (e.g. --out {target.with_suffix('.onnx')})")
-    if target.is_dir():
-        raise UsageError(f"--out {target} is a folder; name the file, e.g. --out {target / 'model.onnx'}")
-    if target.exists() and not force:
-        raise UsageError(f"{target} already exists; pass --force to overwrite it or choose another --out")
-    if not (tolerance > 0):
-        raise UsageError(f"--tolerance must be > 0, got {tolerance}")
-    require("onnx", "--format onnx")
-    unchecked = None
-    if check is True:
-        require("onnxruntime", "--check")
-    elif check is None and optional_import("onnxruntime") is None:
-        unchecked = f"not checked in ONNX Runtime: onnxruntime is not installed; {INSTALL_HINT}"
-
+    target = check_target(out, force)
+    unchecked = check_plan(check, tolerance)
     file = resolve_weights(source)
     model, meta = load_weights(file)
-    data = model_to_onnx(model, meta)
-    result = None
-    if check is not False and unchecked is None:
-        result = check_onnx(data, model, meta, tolerance)
-        if not result.passed:
-            raise WeightsError(
-                f"ONNX Runtime's logits for {file} differ from PyTorch's by {result.max_abs_diff:.1e} "
-                f"(tolerance {result.limit:.1e}); {target} was not written; pass --no-check to write it anyway"
-            )
-    def write(tmp: Path) -> None:
-        tmp.write_bytes(data)
-
-    atomic_write(target, write)
-    return OnnxExport(target, file, meta, len(data), result, unchecked)
+    graph = export_graph(model, meta, exporter)
+    result = verified(graph.data, model, meta, file, target, check, tolerance, unchecked)
+    write_graph(target, graph.data)
+    return OnnxExport(target, file, meta, len(graph.data), result, unchecked, graph.exporter, graph.fallback)

@@ -3,10 +3,12 @@
 This module's one job is the torch-free side of cnnkit's ONNX graphs: the contract a graph
 written by ``cnnkit export --format onnx`` keeps (input :data:`INPUT_NAME`, float32 (batch, C, S,
 S) prepared as :mod:`cnnkit.prediction` does; output :data:`OUTPUT_NAME`, (batch, K); the
-``metadata_props`` in :data:`METADATA_KEYS`), reading that metadata back (:func:`read_onnx_info`)
-and running the graph for ``cnnkit predict FILE.onnx`` (:func:`load_onnx`, :func:`predict_onnx`).
-It imports neither torch nor anything that does, at module level or inside its functions;
-exporting and checking against PyTorch are :mod:`cnnkit.onnx_export`'s.
+``metadata_props`` in :data:`METADATA_KEYS`), reading that metadata back (:func:`read_onnx_info`),
+running the graph for ``cnnkit predict FILE.onnx`` (:func:`load_onnx`, :func:`predict_onnx`) and
+over a whole split of uint8 images for ``cnnkit eval FILE.onnx`` and the int8 export's accuracy
+check (:func:`split_logits`, :func:`top1`). A float32 graph and its int8 (QDQ) form keep the same
+contract. It imports neither torch nor anything that does, at module level or inside its
+functions; exporting and checking against PyTorch are :mod:`cnnkit.onnx_export`'s.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from typing import Any
 import numpy as np
 
 from cnnkit.errors import UsageError, WeightsError
-from cnnkit.prediction import Prediction, Predictor, predict_all
+from cnnkit.prediction import Prediction, Predictor, predict_all, prepare_batch
 
 __all__ = [
     "INPUT_NAME",
     "OUTPUT_NAME",
     "INSTALL_HINT",
     "METADATA_KEYS",
+    "QUANTIZATION_KEY",
     "OnnxInfo",
     "OnnxModel",
     "require",
@@ -36,7 +39,10 @@ __all__ = [
     "session_options",
     "read_onnx_info",
     "load_onnx",
+    "open_graph",
     "predict_onnx",
+    "split_logits",
+    "top1",
 ]
 
 INPUT_NAME = "input"
@@ -53,8 +59,12 @@ METADATA_KEYS: dict[str, str] = {
     "std": "JSON list, per-channel standard deviation on the 0..1 scale, or null",
     "preprocessing": "the preprocessing in words",
     "cnnkit_version": "the cnnkit version that exported the file",
+    "exporter": "the PyTorch exporter that wrote the graph: torch.export, or TorchScript (the fallback) and why",
 }
 """The ``metadata_props`` of an exported graph and what each holds (all values are strings)."""
+QUANTIZATION_KEY = "quantization"
+"""Only in an int8 graph (``--quantize int8``): JSON saying how it was quantised and calibrated,
+and the test top-1 of the float and int8 graphs."""
 
 
 def require(module: str, purpose: str) -> Any:
@@ -94,6 +104,8 @@ class OnnxInfo:
     cnnkit_version: str
     meta_json: str
     """The full weights metadata (``cnnkit.checkpoint.WeightsMeta`` as JSON)."""
+    quantization: str | None = None
+    """How an int8 graph was quantised (JSON, see :data:`QUANTIZATION_KEY`); None for a float graph."""
 
     @property
     def num_classes(self) -> int:
@@ -114,6 +126,7 @@ def _info_from_props(path: Path, props: Mapping[str, str]) -> OnnxInfo:
             input_size=int(props["input_size"]), mean=None if mean is None else [float(v) for v in mean],
             std=None if std is None else [float(v) for v in std],
             cnnkit_version=str(props.get("cnnkit_version", raw.get("cnnkit_version", "?"))), meta_json=props["cnnkit"],
+            quantization=props.get(QUANTIZATION_KEY),
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
         raise WeightsError(f"{path} has corrupt cnnkit metadata ({first_line(exc)}); re-export it") from exc
@@ -171,6 +184,29 @@ class OnnxModel:
         return predict_all(self.predictor(), images, top)
 
 
+def _opened(source: bytes | str, label: Path, ort: Any, providers: list[Any]) -> OnnxModel:
+    """A graph (a file's path, or its bytes) in an ONNX Runtime session, its metadata and input checked."""
+    try:
+        session = ort.InferenceSession(source, session_options(ort), providers=providers)
+    except Exception as exc:  # InvalidProtobuf, Fail, InvalidGraph, …: any unreadable file is one message
+        raise WeightsError(
+            f"weights {label} is not a readable ONNX model ({first_line(exc)}); re-export it with "
+            "'cnnkit export --format onnx'"
+        ) from exc
+    info = _info_from_props(label, session.get_modelmeta().custom_metadata_map)
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    shape = list(inputs[0].shape) if len(inputs) == 1 else []
+    if (
+        len(inputs) != 1 or inputs[0].name != INPUT_NAME or shape[1:] != [info.in_channels, info.input_size, info.input_size]
+        or not any(o.name == OUTPUT_NAME for o in outputs)
+    ):  # fmt: skip
+        raise WeightsError(
+            f"weights {label} take input {shape or '?'} but their metadata says {info.in_channels}x{info.input_size}x"
+            f"{info.input_size}; the graph was changed after export, re-export it"
+        )
+    return OnnxModel(label, session, info)
+
+
 def load_onnx(path: str | Path, device: str = "auto") -> OnnxModel:
     """Open a ``.onnx`` file written by ``cnnkit export --format onnx`` in ONNX Runtime.
 
@@ -179,30 +215,19 @@ def load_onnx(path: str | Path, device: str = "auto") -> OnnxModel:
     """
     file = Path(path)
     if not file.is_file():
-        raise WeightsError(f"weights {file} do not exist; pass a .onnx file written by 'cnnkit export --format onnx'")
+        what = "is a folder, not a .onnx file" if file.is_dir() else "do not exist"
+        raise WeightsError(f"weights {file} {what}; pass a .onnx file written by 'cnnkit export --format onnx'")
     ort = require("onnxruntime", f"running {file}")
     providers = _providers(ort, device)
     if file.stat().st_size == 0:
         raise WeightsError(f"weights {file} is empty; re-export it with 'cnnkit export --format onnx'")
-    try:
-        session = ort.InferenceSession(str(file), session_options(ort), providers=providers)
-    except Exception as exc:  # InvalidProtobuf, Fail, InvalidGraph, …: any unreadable file is one message
-        raise WeightsError(
-            f"weights {file} is not a readable ONNX model ({first_line(exc)}); re-export it with "
-            "'cnnkit export --format onnx'"
-        ) from exc
-    info = _info_from_props(file, session.get_modelmeta().custom_metadata_map)
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    shape = list(inputs[0].shape) if len(inputs) == 1 else []
-    if (
-        len(inputs) != 1 or inputs[0].name != INPUT_NAME or shape[1:] != [info.in_channels, info.input_size, info.input_size]
-        or not any(o.name == OUTPUT_NAME for o in outputs)
-    ):  # fmt: skip
-        raise WeightsError(
-            f"weights {file} take input {shape or '?'} but their metadata says {info.in_channels}x{info.input_size}x"
-            f"{info.input_size}; the graph was changed after export, re-export it"
-        )
-    return OnnxModel(file, session, info)
+    return _opened(str(file), file, ort, providers)
+
+
+def open_graph(data: bytes, label: str, device: str = "cpu") -> OnnxModel:
+    """A serialised graph held in memory (not yet written), opened as :func:`load_onnx` opens a file."""
+    ort = require("onnxruntime", f"running {label}")
+    return _opened(data, Path(label), ort, _providers(ort, device))
 
 
 def read_onnx_info(path: str | Path) -> OnnxInfo:
@@ -219,3 +244,36 @@ def predict_onnx(
     if not images:
         raise UsageError("no images given; pass one or more image files")
     return load_onnx(path, device).predict(images, top)
+
+
+# -- a whole split ----------------------------------------------------------------------------------
+
+
+def split_logits(predictor: Predictor, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """(N, K) float32 logits of uint8 (N, C, H, W) images, ``batch_size`` at a time.
+
+    Each batch is prepared as the graph's metadata says (:func:`cnnkit.prediction.prepare_batch`:
+    0..1, resized to its input size when the images are of another, normalised with its mean and
+    std) and run by ``predictor.logits``; only one prepared batch is held at a time.
+    """
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if images.ndim != 4 or images.shape[1] != predictor.channels:
+        raise WeightsError(
+            f"{predictor.source} takes {predictor.channels}-channel images; the split holds images of shape "
+            f"{tuple(images.shape[1:])}"
+        )
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        batch = prepare_batch(list(images[start : start + batch_size]), predictor.size, predictor.mean, predictor.std)
+        chunks.append(np.asarray(predictor.logits(batch), dtype=np.float32))
+    if not chunks:
+        return np.zeros((0, len(predictor.classes)), dtype=np.float32)
+    return np.concatenate(chunks)
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Share of rows whose arg-max is the label (a tie goes to the first class, as in torch's argmax)."""
+    if len(labels) == 0:
+        raise UsageError("nothing to evaluate: the split has no examples")
+    return float((np.argmax(logits, axis=1) == np.asarray(labels)).mean())

@@ -1,5 +1,5 @@
 """``cnnkit eval WEIGHTS``: loss, accuracy, per-class scores, the confusion matrix and every prediction
-of a weights file."""
+of a weights file, or of a ``.onnx`` graph run in ONNX Runtime (:mod:`cnnkit.onnx_eval`)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,13 @@ class Split(str, Enum):
 @app.command("eval")
 @guarded
 def eval_command(
-    weights: Annotated[Path, typer.Argument(help="A .safetensors weights file or a run directory.")],
+    weights: Annotated[
+        Path,
+        typer.Argument(
+            help="A .safetensors weights file, a run directory, or a .onnx file from 'cnnkit export' (run in ONNX "
+            "Runtime, prepared as its metadata says)."
+        ),
+    ],
     dataset: Annotated[
         str | None, typer.Option("--dataset", help="Registered dataset (default: the one it was trained on).")
     ] = None,
@@ -68,20 +74,27 @@ def eval_command(
 
     Writes the confusion matrix (confusion_<split>.csv) and one row per example
     (predictions_<split>.csv: file or index, true and predicted class, the predicted and the true
-    class's probability, loss).
+    class's probability, loss). A .onnx file is run in ONNX Runtime on the dataset its metadata
+    records, with the preprocessing it records.
     """
-    from cnnkit.evaluate import evaluate_weights
     from cnnkit.reports import plot_confusion, plot_worst, write_confusion_csv, write_predictions_csv
 
-    evaluation = evaluate_weights(
-        weights,
-        dataset=dataset,
-        data=data,
-        dataset_options=parse_key_values(dataset_option, flag="-d"),
-        split=split.value,
-        batch_size=batch_size,
-        device=device,
-    )
+    onnx = weights.suffix.lower() == ".onnx"
+    options = parse_key_values(dataset_option, flag="-d")
+    if onnx:
+        from cnnkit.onnx_eval import evaluate_onnx
+
+        evaluation = evaluate_onnx(
+            weights, dataset=dataset, data=data, dataset_options=options, split=split.value, batch_size=batch_size,
+            device=device,
+        )  # fmt: skip
+    else:
+        from cnnkit.evaluate import evaluate_weights
+
+        evaluation = evaluate_weights(
+            weights, dataset=dataset, data=data, dataset_options=options, split=split.value, batch_size=batch_size,
+            device=device,
+        )  # fmt: skip
     folder = out if out is not None else evaluation.weights.parent
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)  # --out names a folder for the reports: made on demand
@@ -103,14 +116,23 @@ def eval_command(
             plot_worst(worst_path, evaluation.data.images, scores, evaluation.classes, title=title)
             written.append(worst_path)
 
+    runtime = _onnx_runtime() if onnx else None
     if fmt is Format.json:
         report = {**evaluation.to_dict(), "files": [str(p) for p in written], "predictions": str(predictions_path)}
+        if runtime is not None:
+            report["runtime"] = runtime
         typer.echo(json.dumps(report, indent=2))
         return
-    _print_table(evaluation, written)
+    _print_table(evaluation, written, runtime)
 
 
-def _print_table(evaluation: WeightsEvaluation, written: list[Path]) -> None:
+def _onnx_runtime() -> str:
+    import onnxruntime
+
+    return f"onnxruntime {onnxruntime.__version__}"
+
+
+def _print_table(evaluation: WeightsEvaluation, written: list[Path], runtime: str | None = None) -> None:
     from rich.table import Table
 
     result = evaluation.result
@@ -119,7 +141,7 @@ def _print_table(evaluation: WeightsEvaluation, written: list[Path]) -> None:
     # Plain lines never wrap (rich wraps at 80 columns when output is not a terminal).
     typer.echo(
         f"{evaluation.meta.model} on {evaluation.dataset} {evaluation.split} "
-        f"({result.examples} examples) from {evaluation.weights}"
+        f"({result.examples} examples) from {evaluation.weights}" + (f" in {runtime}" if runtime else "")
     )
     line = f"loss {result.loss:.4f}  top-1 {result.top1:.4f}"
     if result.top5 is not None:
