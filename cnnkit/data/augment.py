@@ -158,25 +158,35 @@ class Augmentation:
             draws["batch_centre"] = torch.tensor([rng.random(), rng.random()])
         return draws
 
-    # -- applying (on the device, to this process's rows) ---------------------------------------
+    @staticmethod
+    def rows(draws: Draws, rows: slice) -> Draws:
+        """The per-image draws of rows ``rows`` of a global batch."""
+        return {k: v[rows] for k, v in draws.items() if not k.startswith("batch_")}
+
+    @staticmethod
+    def concat(parts: list[Draws]) -> Draws:
+        """Per-image draws of several row ranges, in order (the rows of a chunk of batches)."""
+        return {k: torch.cat([part[k] for part in parts]) for k in parts[0]} if parts else {}
+
+    # -- applying (on the device) ---------------------------------------------------------------
     def apply(
         self,
         x: torch.Tensor,
         draws: Draws,
-        rows: slice,
+        rows: slice = slice(None),
         *,
         normalize: tuple[torch.Tensor, torch.Tensor] | None = None,
         pad_value: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Stages 1-4 for rows ``rows`` of the global batch. ``normalize``: (mean, std) when ``x``
-        is still 0..1 and must be normalised here; ``pad_value``: what a black pixel is in ``x``."""
+        """Stages 1-4 for ``x``, the rows ``rows`` of the draws' images. ``normalize``: (mean, std)
+        when ``x`` is still 0..1 and must be normalised here; ``pad_value``: a black pixel in ``x``."""
         # The operation choices stay on the CPU: selecting each operation's images needs no sync.
-        mine = {k: v[rows] if k == "op" else v[rows].to(x.device) for k, v in draws.items() if not k.startswith("batch_")}
+        mine = {k: v if k in ("op", "value") else v.to(x.device) for k, v in self.rows(draws, rows).items()}
         if self.mode != "none":
             x = _crop_flip(x, mine["dy"], mine["dx"], mine["flip"], pad_value)
         if self.policy:
             for round_ in range(mine["op"].shape[1]):
-                x = _apply_ops(x, mine["op"][:, round_], draws["value"][rows, round_])
+                x = _apply_ops(x, mine["op"][:, round_], mine["value"][:, round_])
         if normalize is not None:
             x = x.sub(normalize[0]).div_(normalize[1])
         if self.random_erasing > 0:
@@ -219,31 +229,42 @@ def _crop_flip(
         padded = x.new_empty((b, c, h + 2 * pad, w + 2 * pad))
         padded.copy_(pad_value.expand_as(padded))
         padded[:, :, pad : pad + h, pad : pad + w] = x
-    rows = (torch.arange(h, device=x.device).view(1, h) + dy.view(b, 1)).view(b, 1, h, 1)
+    # One flat gather per chunk (2.5x faster on a CPU than indexing the four dimensions).
+    width = w + 2 * pad
+    rows = torch.arange(h, device=x.device).view(1, h) + dy.view(b, 1)
     cols = torch.arange(w, device=x.device).view(1, w).expand(b, w)
-    cols = (torch.where(flip.view(b, 1), cols.flip(1), cols) + dx.view(b, 1)).view(b, 1, 1, w)
-    batch_index = torch.arange(b, device=x.device).view(b, 1, 1, 1)
-    channels = torch.arange(c, device=x.device).view(1, -1, 1, 1)
-    return padded[batch_index, channels, rows, cols]
+    cols = torch.where(flip.view(b, 1), cols.flip(1), cols) + dx.view(b, 1)
+    index = (rows.view(b, h, 1) * width + cols.view(b, 1, w)).view(b, 1, h * w).expand(b, c, h * w)
+    return padded.view(b, c, -1).gather(2, index).view(b, c, h, w)
 
 
 def _apply_ops(x: torch.Tensor, ops: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Operation ``_OPS[ops[i]]`` with value ``values[i]`` on image i (0..1 floats); ``ops`` and
-    ``values`` are on the CPU, so choosing each operation's images costs the device no sync."""
+    ``values`` are on the CPU, so choosing each operation's images costs the device no sync.
+
+    The batch is sorted by operation once (one gather), each operation works in place on its
+    contiguous slice, and one scatter puts the images back: two copies of the batch in all,
+    instead of a gather and a scatter per operation (on a CPU at 28 px those dominated)."""
     import torchvision.transforms.v2.functional as TF
 
-    x = x.clone()
-    geometric = torch.tensor([_OPS[int(k)] in _GEOMETRIC for k in ops])
-    if geometric.any():
-        index = geometric.nonzero().flatten()
-        where = index.to(x.device)
-        x[where] = _affine(x[where], ops[index], values[index])
+    order = torch.argsort(ops, stable=True)
+    counts = torch.bincount(ops, minlength=len(_OPS)).tolist()
+    where = order.to(x.device)
+    xs, vs = x.index_select(0, where), values[order]
+    bounds = [0]
+    for count in counts:
+        bounds.append(bounds[-1] + count)
+    # The geometric operations are consecutive in _OPS: one grid_sample for all their images.
+    first, last = _OPS.index("ShearX"), _OPS.index("Rotate")
+    lo, hi = bounds[first], bounds[last + 1]
+    if hi > lo:
+        xs[lo:hi] = _affine(xs[lo:hi], ops[order][lo:hi], vs[lo:hi])
+    value_on_device = vs.to(x.device).view(-1, 1, 1, 1)
     for k, name in enumerate(_OPS):
-        index = (ops == k).nonzero().flatten()
-        if name in _GEOMETRIC or name == "Identity" or index.numel() == 0:
+        lo, hi = bounds[k], bounds[k + 1]
+        if name in _GEOMETRIC or name == "Identity" or hi == lo:
             continue
-        where = index.to(x.device)
-        part, value = x[where], values[index].to(x.device).view(-1, 1, 1, 1)
+        part, value = xs[lo:hi], value_on_device[lo:hi]
         if name == "Brightness":
             part = _blend(torch.zeros_like(part), part, 1.0 + value)
         elif name == "Color":
@@ -251,7 +272,7 @@ def _apply_ops(x: torch.Tensor, ops: torch.Tensor, values: torch.Tensor) -> torc
         elif name == "Contrast":
             part = _blend(TF.adjust_contrast(part, 0.0), part, 1.0 + value)
         elif name == "Sharpness":
-            part = _blend(TF.adjust_sharpness(part, 0.0), part, 1.0 + value)
+            part = _blend(_smoothed(part), part, 1.0 + value)
         elif name == "Posterize":
             keep = (2 ** (8 - value)).to(torch.int32)  # values differ per image: mask the low bits by hand
             part = torch.div(part.mul(255).round_().to(torch.int32), keep, rounding_mode="floor").mul_(keep).float().div_(255)
@@ -261,8 +282,20 @@ def _apply_ops(x: torch.Tensor, ops: torch.Tensor, values: torch.Tensor) -> torc
             part = TF.autocontrast(part)
         elif name == "Equalize":
             part = TF.equalize(part)
-        x[where] = part
-    return x
+        xs[lo:hi] = part
+    return torch.empty_like(xs).index_copy_(0, where, xs)
+
+
+def _smoothed(x: torch.Tensor) -> torch.Tensor:
+    """PIL's SMOOTH filter (what torchvision's sharpness blends with): the 3x3 kernel of ones with 5
+    in the centre, over 13, borders kept. As a 3x3 box sum plus 4x the centre: a depthwise
+    convolution of that size cost 30x more on a CPU."""
+    if x.shape[-1] < 3 or x.shape[-2] < 3:
+        return x
+    out = x.clone()
+    box = F.avg_pool2d(x, 3, stride=1).mul_(9.0)
+    out[..., 1:-1, 1:-1] = box.add_(x[..., 1:-1, 1:-1], alpha=4.0).div_(13.0)
+    return out
 
 
 def _blend(degenerate: torch.Tensor, image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -287,7 +320,13 @@ def _affine(x: torch.Tensor, ops: torch.Tensor, values: torch.Tensor) -> torch.T
     theta[:, 1, 0] = torch.where(kind["ShearY"], -v, sin) * w / h
     theta[:, 0, 2] = torch.where(kind["TranslateX"], -2.0 * v / w, 0.0)
     theta[:, 1, 2] = torch.where(kind["TranslateY"], -2.0 * v / h, 0.0)
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    theta = theta.to(x.device).view(b, 2, 3, 1, 1)
+    # The sampling grid by broadcasting (affine_grid's batched matmul is slow on a CPU for this).
+    ys = (torch.arange(h, device=x.device, dtype=torch.float32) * 2 + 1) / h - 1
+    xs = (torch.arange(w, device=x.device, dtype=torch.float32) * 2 + 1) / w - 1
+    grid = x.new_empty((b, h, w, 2))
+    grid[..., 0] = theta[:, 0, 0] * xs.view(1, 1, w) + theta[:, 0, 1] * ys.view(1, h, 1) + theta[:, 0, 2]
+    grid[..., 1] = theta[:, 1, 0] * xs.view(1, 1, w) + theta[:, 1, 1] * ys.view(1, h, 1) + theta[:, 1, 2]
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 

@@ -227,36 +227,42 @@ class BatchLoader:
 
         normalize = (self.mean, self.std) if plan.policy and self.mean is not None and self.std is not None else None
         for group, gathered in zip(groups, self._prefetched([rows(g) for g in groups]), strict=True):
-            if gathered is not None:
-                # A chunk of consecutive batches is gathered, moved, converted and normalised at
-                # once, and its batches are row slices of the result: each op runs once per chunk,
-                # not once per step (a tiny model's step is short enough for these to show, and on
-                # a loaded CPU every op costs a wait for the other threads).
-                chunk_images, chunk_labels = gathered
-                images = self._prepare(chunk_images)
-                labels = self._move(chunk_labels)
+            # Drawn for each whole global batch, even by a process with no rows in it: every
+            # process's generator stays in step, and each takes its own rows of the draws.
+            draws = [plan.draw(size, self.image_size, generator) for _, size, _, _ in group] if plan.active else []
+            if gathered is None:
+                continue
+            # A chunk of consecutive batches is gathered, moved, converted and normalised at once,
+            # and its batches are row slices of the result: each op runs once per chunk, not once
+            # per step (a tiny model's step is short enough for these to show, and on a loaded CPU
+            # every op costs a wait for the other threads).
+            chunk_images, chunk_labels = gathered
+            images = self._prepare(chunk_images)
+            labels = self._move(chunk_labels)
+            if draws:
+                # The per-image stages too run once per chunk, each image with its own batch's draws
+                # (TrivialAugment's fourteen operations cost the same per call at 128 images or 2048).
+                mine = []
+                for batch_draws, (_, size, low, high) in zip(draws, group, strict=True):
+                    if low < high:
+                        mine.append(plan.rows(batch_draws, slice(low, high)))
+                        if partners:
+                            mine.append(plan.rows(batch_draws, slice(size - high, size - low)))
+                images = plan.apply(images, plan.concat(mine), normalize=normalize, pad_value=self._pad)
             offset = 0
-            for _, size, low, high in group:
-                # Drawn for the whole global batch, even by a process with no rows in it: every
-                # process's generator stays in step, and each takes its own rows of the draws.
-                draws = plan.draw(size, self.image_size, generator) if plan.active else None
+            for index, (_, size, low, high) in enumerate(group):
                 if low == high:
                     continue
                 n = high - low
                 x, y = images[offset : offset + n], labels[offset : offset + n]
                 offset += n
-                if draws is not None:
-                    x = plan.apply(x, draws, slice(low, high), normalize=normalize, pad_value=self._pad)
-                    if plan.mixing:
-                        if partners:
-                            other = images[offset : offset + n]
-                            other = plan.apply(other, draws, slice(size - high, size - low), normalize=normalize,
-                                               pad_value=self._pad).flip(0)  # fmt: skip
-                            other_labels = labels[offset : offset + n].flip(0)
-                            offset += n
-                        else:
-                            other, other_labels = x.flip(0), y.flip(0)
-                        x, y = plan.mix(x, y, (other, other_labels), draws)
+                if plan.mixing:
+                    if partners:  # the rows paired with these, gathered and augmented after them
+                        other, other_labels = images[offset : offset + n].flip(0), labels[offset : offset + n].flip(0)
+                        offset += n
+                    else:
+                        other, other_labels = x.flip(0), y.flip(0)
+                    x, y = plan.mix(x, y, (other, other_labels), draws[index])
                 if self.channels_last:  # a no-op on a slice of a channels-last chunk
                     x = x.contiguous(memory_format=torch.channels_last)
                 yield x, y
