@@ -1,16 +1,27 @@
-"""CPU inference latency per image: PyTorch against ONNX Runtime on the graph ``cnnkit export --format onnx`` writes.
+"""CPU inference latency per image: PyTorch against ONNX Runtime on the graph ``cnnkit export --format onnx``
+writes, and that float32 graph against its int8 form (``--quantize int8``) for trained runs.
 
     python bench/onnx_latency.py                           # resnet18 at 96 px and lenet_bn at 28 px, 1 thread
     python bench/onnx_latency.py --threads 2 --repeats 11
     python bench/onnx_latency.py googlenet:96 densenet:96  # MODEL:SIDE, 1 channel, 10 classes
+    python bench/onnx_latency.py --int8 runs/a runs/b      # + float32 vs int8 of trained runs
+    python bench/onnx_latency.py --int8 runs/a --only-int8
 
-Each model gets random weights (latency does not depend on their values), is exported in memory
-exactly as the CLI exports it (:func:`cnnkit.onnx_export.model_to_onnx`), and both runtimes run
-the same float32 batches of 1 and 32 images: PyTorch in eval mode under ``torch.inference_mode``,
-ONNX Runtime with its default (full) graph optimisation on the CPU provider, both limited to
-``--threads`` threads. After a warm-up, repeats of the two runtimes are interleaved (so a busy
-machine slows both alike) and the median is reported, in milliseconds per image; the ratio is
-PyTorch's time over ONNX Runtime's (above 1: ONNX Runtime is faster).
+First table: each model gets random weights (latency does not depend on their values), is
+exported in memory exactly as the CLI exports it (:func:`cnnkit.onnx_export.model_to_onnx`), and
+both runtimes run the same float32 batches of 1 and 32 images: PyTorch in eval mode under
+``torch.inference_mode``, ONNX Runtime with its default (full) graph optimisation on the CPU
+provider, both limited to ``--threads`` threads. After a warm-up, repeats of the two runtimes are
+interleaved (so a busy machine slows both alike) and the median is reported, in milliseconds per
+image; the ratio is PyTorch's time over ONNX Runtime's (above 1: ONNX Runtime is faster).
+
+Second table (``--int8 RUN...``, trained run directories or weights files): each run is exported
+twice through the CLI's own functions, to the files ``cnnkit export RUN --out F.onnx`` and
+``cnnkit export RUN --out F.onnx --quantize int8`` write (calibrated on 256 of the run's training
+images); the table gives each file's size, its top-1 on the run's test split (as the int8
+export measures it, which ``cnnkit eval F.onnx`` reproduces), and its ONNX Runtime latency at
+batches of 1 and 64 test images, the two files' repeats interleaved as above. The load average is
+printed before and after: on a shared machine the absolute times move with it, the ratios less.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from typing import Any
 
 DEFAULT_MODELS = ["resnet18:96", "lenet_bn:28"]
 BATCHES = (1, 32)
+INT8_BATCHES = (1, 64)
 CLASSES = 10
 
 
@@ -93,11 +105,77 @@ def bench_model(name: str, side: int, threads: int, repeats: int) -> list[dict[s
     return rows
 
 
+def _int8_flags() -> str:
+    """The CPU's 8-bit dot-product extensions (int8 kernels are faster, and do not saturate, with VNNI)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return ""
+    found = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return f"; {', '.join(found)}" if found else ""
+
+
+def _session(source: str, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def bench_int8(run: str, threads: int, repeats: int) -> list[dict[str, Any]]:
+    """float32 and int8 files of one trained run: size, test top-1, ms/image at each of INT8_BATCHES."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from cnnkit.checkpoint import read_meta, resolve_weights
+    from cnnkit.onnx_eval import recorded_splits
+    from cnnkit.onnx_export import export_onnx
+    from cnnkit.onnx_quantize import export_int8
+    from cnnkit.onnx_runtime import INPUT_NAME, OUTPUT_NAME
+    from cnnkit.prediction import prepare_batch
+
+    weights = resolve_weights(run)
+    meta = read_meta(weights)
+    with tempfile.TemporaryDirectory(prefix="onnx-bench-") as folder:
+        float_file, int8_file = Path(folder) / "float32.onnx", Path(folder) / "int8.onnx"
+        export_onnx(weights, float_file)
+        int8 = export_int8(weights, int8_file)
+        sessions = {"float32": _session(str(float_file), threads), "int8": _session(str(int8_file), threads)}
+        sizes = {"float32": float_file.stat().st_size, "int8": int8_file.stat().st_size}
+    top1 = {"float32": int8.float_top1, "int8": int8.int8_top1}
+    test = recorded_splits(weights, meta).test.images
+    times: dict[tuple[str, int], float] = {}
+    for batch in INT8_BATCHES:
+        x = prepare_batch(list(test[:batch].numpy()), meta.input_size, meta.mean, meta.std)
+        runs = {name: (lambda s=session, x=x: s.run([OUTPUT_NAME], {INPUT_NAME: x})) for name, session in sessions.items()}
+        counts = {name: _iterations(call) for name, call in runs.items()}
+        samples: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name, call in runs.items():
+                samples[name].append(_timed(call, counts[name]))
+        for name in runs:
+            times[name, batch] = statistics.median(samples[name]) / batch * 1e3
+        assert np.isfinite(times["int8", batch])
+    return [
+        {"model": meta.model, "side": meta.input_size, "precision": name, "mb": sizes[name] / 1e6, "top1": top1[name],
+         "dataset": meta.dataset, "ms": [times[name, b] for b in INT8_BATCHES]}
+        for name in ("float32", "int8")
+    ]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", default=DEFAULT_MODELS, help="MODEL:SIDE (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="threads for each runtime (default: 1)")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats per case (default: 7)")
+    parser.add_argument("--int8", nargs="+", default=[], metavar="RUN", help="trained runs: float32 vs int8 graphs")
+    parser.add_argument("--only-int8", action="store_true", help="skip the PyTorch vs ONNX Runtime table")
     args = parser.parse_args()
 
     import onnxruntime as ort
@@ -107,20 +185,38 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"PyTorch {torch.__version__} vs ONNX Runtime {ort.__version__} (CPUExecutionProvider), "
-        f"{args.threads} thread(s) each, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
-        f"load average {load:.1f}; median of {args.repeats} interleaved repeats; 1 channel, {CLASSES} classes"
+        f"{args.threads} thread(s) each, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}"
+        f"{_int8_flags()}), load average {load:.1f}; median of {args.repeats} interleaved repeats; "
+        f"random weights: 1 channel, {CLASSES} classes"
     )
+    if not args.only_int8:
+        print()
+        print("| model | input | batch | PyTorch ms/image | ONNX Runtime ms/image | ratio | max abs logit diff |")
+        print("|---|---|---|---|---|---|---|")
+        for spec in args.models:
+            name, _, side = spec.partition(":")
+            for row in bench_model(name, int(side or 28), args.threads, args.repeats):
+                print(
+                    f"| `{row['model']}` | {row['side']} px | {row['batch']} | {row['torch_ms']:.3f} | "
+                    f"{row['ort_ms']:.3f} | {row['ratio']:.2f}x | {row['max_abs_diff']:.1e} |",
+                    flush=True,
+                )
+    if args.int8:
+        print()
+        columns = " | ".join(f"ms/image at batch {b}" for b in INT8_BATCHES)
+        print(f"| model | input | graph | file MB | test top-1 | {columns} |")
+        print("|---" * (5 + len(INT8_BATCHES)) + "|")
+        for run in args.int8:
+            for row in bench_int8(run, args.threads, args.repeats):
+                times = " | ".join(f"{ms:.3f}" for ms in row["ms"])
+                print(
+                    f"| `{row['model']}` | {row['side']} px | {row['precision']} | {row['mb']:.2f} | "
+                    f"{row['top1']:.4f} | {times} |",
+                    flush=True,
+                )
+    after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print()
-    print("| model | input | batch | PyTorch ms/image | ONNX Runtime ms/image | ratio | max abs logit diff |")
-    print("|---|---|---|---|---|---|---|")
-    for spec in args.models:
-        name, _, side = spec.partition(":")
-        for row in bench_model(name, int(side or 28), args.threads, args.repeats):
-            print(
-                f"| `{row['model']}` | {row['side']} px | {row['batch']} | {row['torch_ms']:.3f} | "
-                f"{row['ort_ms']:.3f} | {row['ratio']:.2f}x | {row['max_abs_diff']:.1e} |",
-                flush=True,
-            )
+    print(f"load average {after:.1f} at the end")
 
 
 if __name__ == "__main__":

@@ -11,14 +11,16 @@ PyTorch's.
 The graph is written by PyTorch's ``torch.export``-based exporter (``torch.onnx.export(...,
 dynamo=True)``, which needs ``onnxscript``) at opset :data:`OPSET`, with its optimiser on (batch
 norm folded into the convolutions, constants folded). Every built-in model and the EfficientNet
-plugin exports through it (a test each), so none of them uses the fallback: PyTorch's
-TorchScript-based exporter (``dynamo=False``), which its documentation deprecates. That fallback
-is kept for one case, a model ``torch.export`` cannot capture: Python control flow on tensor
-*values* (``if x.sum() > 0:``, a plugin's data-dependent early exit), which ``torch.export``
-refuses to guess where TorchScript's tracer records the branch the example input took. Such an
-export warns that it fell back and why, says so in the ``exporter`` metadata, and is checked in
-ONNX Runtime like any other. The exporters cost about 1-3 s (LeNet-BN, ResNet-18) and 0.1-0.4 s
-per model here (PyTorch 2.14, a busy 2-core machine).
+plugin's B0 exports through it and matches PyTorch (a test each, which also checks that no
+fallback was taken), so none of them needs PyTorch's TorchScript-based exporter
+(``dynamo=False``), which PyTorch deprecates. That exporter is kept only as the fallback for a
+model ``torch.export`` cannot capture: Python control flow on a tensor's *value* (``if x.sum() >
+0:``, say in a plugin's network), which ``torch.export`` refuses to guess and TorchScript's tracer
+freezes to the branch the example input took; or a PyTorch older than 2.5, which has no
+``torch.export`` exporter. Such an export warns that it fell back and why, says so in its
+``exporter`` metadata, and is checked in ONNX Runtime like any other. ``torch.export`` is the
+slower of the two: 1-3 s for LeNet-BN and 3-15 s for the larger networks on this busy 2-core
+machine (DenseNet-121 up to 50 s), where TorchScript took 0.1-0.4 s.
 
 Adaptive average pooling whose output side does not divide its input side (AlexNet, VGG and
 LeNet away from their recipe sizes) is exported as the two constant averaging matrices that the

@@ -179,7 +179,7 @@ class Int8Export:
         if self.written.check is not None:
             out.append(f"{self.written.check.describe()}, for the float32 graph before quantisation")
         out.append(f"quantised to int8 (QDQ, per-channel weights), calibrated on {self.calibration}")
-        if self.drop is not None:
+        if self.float_top1 is not None and self.int8_top1 is not None:
             out.append(
                 f"top-1 on {self.evaluated_on}: float32 {self.float_top1:.4f}, int8 {self.int8_top1:.4f} "
                 f"({(self.int8_top1 - self.float_top1) * 100:+.2f} points)"

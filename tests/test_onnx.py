@@ -431,6 +431,7 @@ def test_without_onnxruntime_export_warns_and_skips_the_check(
     assert props_of(out)["model"] == "lenet_bn"
 
 
+@pytest.mark.slow  # two exports through torch.export
 def test_a_mismatch_is_exit_4_and_writes_nothing(
     tmp_path: Path, runner: Any, onnx_extra: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
