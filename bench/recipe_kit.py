@@ -1,0 +1,209 @@
+"""The recipe kit measured: what each technique buys on Fashion-MNIST, and what it costs in speed.
+
+    python bench/recipe_kit.py ablation --model lenet_bn --seeds 3 --jobs 2   # 10 epochs per run
+    python bench/recipe_kit.py table                                       # the markdown table
+    python bench/recipe_kit.py speed --model lenet_bn --repeats 3
+
+``ablation`` trains the model's default recipe with every knob of the kit off ("base"; label
+smoothing too) and, per row, the base with one technique turned on (or a named combination), each for the given seeds, with cnnkit's own run driver (what
+``cnnkit train`` runs): 10 epochs, validation carved from train, test measured once at the end on
+the final weights (the figure d2l reports) and on the best-by-validation ones. Every finished run
+is appended to ``bench/results/recipe-kit-runs.jsonl`` (an interrupted ablation resumes where it
+stopped; ``--fresh`` starts over); ``table`` writes ``bench/results/recipe-kit.md`` from it.
+
+``speed`` times one training epoch of each row (val off, so only the loop counts; interleaved
+repeats, median examples/s of the trainer's own clock) and prints each row's ratio to the row with
+every knob off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = RESULTS / "recipe-kit-runs.jsonl"
+TABLE = RESULTS / "recipe-kit.md"
+
+OFF: dict[str, Any] = {"augment": "none", "random_erasing": 0.0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0,
+                       "accum_steps": 1, "clip_grad": 0.0, "class_weights": "none", "label_smoothing": 0.0}  # fmt: skip
+ROWS: dict[str, dict[str, Any]] = {
+    "base": {},
+    "crop-flip": {"augment": "crop-flip"},
+    "trivial": {"augment": "trivial"},
+    "randaugment": {"augment": "randaugment"},
+    "random_erasing 0.25": {"random_erasing": 0.25},
+    "mixup 0.2": {"mixup": 0.2},
+    "cutmix 1.0": {"cutmix": 1.0},
+    "ema 0.999": {"ema": 0.999},
+    "label_smoothing 0.1": {"label_smoothing": 0.1},
+    "clip_grad 1.0": {"clip_grad": 1.0},
+    "accum_steps 2": {"accum_steps": 2},
+}
+COMBINATIONS: dict[str, dict[str, Any]] = {
+    "crop-flip + erasing + ema": {"augment": "crop-flip", "random_erasing": 0.25, "ema": 0.999},
+    "erasing + ema + ls": {"random_erasing": 0.25, "ema": 0.999, "label_smoothing": 0.1},
+}
+EVERYTHING: dict[str, Any] = {"augment": "trivial", "random_erasing": 0.25, "mixup": 0.2, "cutmix": 1.0, "ema": 0.999,
+                              "accum_steps": 2, "clip_grad": 1.0, "class_weights": "balanced"}  # fmt: skip
+
+
+def _done(path: Path) -> set[tuple[str, str, int]]:
+    if not path.is_file():
+        return set()
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {(row["model"], row["row"], row["seed"]) for row in rows}
+
+
+def _one_run(model: str, row: str, changes: dict[str, Any], seed: int, epochs: int, threads: int) -> dict[str, Any]:
+    """Train one (row, seed) in this process and return its figures."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from cnnkit.config import resolve_config
+    from cnnkit.training.run import train
+
+    with tempfile.TemporaryDirectory() as folder:
+        config = resolve_config(overrides={"model": model, "epochs": epochs, "seed": seed, "quiet": True,
+                                           "device": "cpu", "out": str(Path(folder) / "run"), **changes})  # fmt: skip
+        started = time.perf_counter()
+        result = train(config)
+        wall = time.perf_counter() - started
+        tested = json.loads((result.run_dir / "test.json").read_text(encoding="utf-8"))
+    return {"model": model, "row": row, "changes": changes, "seed": seed, "epochs": epochs,
+            "final_test": tested["final"]["test_acc"], "best_test": tested.get("best", tested["final"])["test_acc"],
+            "best_epoch": result.best_epoch, "final_val": result.history[-1]["val_acc"],
+            "examples_per_s": result.examples_per_s, "seconds": wall, "threads": threads,
+            "load": os.getloadavg()[0]}  # fmt: skip
+
+
+def ablation(args: argparse.Namespace) -> int:
+    rows = {**ROWS, **COMBINATIONS} if not args.rows else {name: {**ROWS, **COMBINATIONS}[name] for name in args.rows}
+    if args.fresh and RUNS.exists():
+        RUNS.unlink()
+    done = _done(RUNS)
+    todo = [(name, seed) for seed in range(args.seeds) for name in rows if (args.model, name, seed) not in done]
+    print(f"{len(todo)} runs to go ({len(done)} done), {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
+    running: list[tuple[subprocess.Popen[str], str, int]] = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            name, seed = todo.pop(0)
+            spec = json.dumps({"model": args.model, "row": name, "changes": {**OFF, **rows[name]}, "seed": seed,
+                               "epochs": args.epochs, "threads": args.threads})  # fmt: skip
+            proc = subprocess.Popen([sys.executable, __file__, "_one", spec], stdout=subprocess.PIPE, text=True)
+            running.append((proc, name, seed))
+        time.sleep(1.0)
+        for entry in list(running):
+            proc, name, seed = entry
+            if proc.poll() is None:
+                continue
+            running.remove(entry)
+            out = (proc.stdout.read() if proc.stdout else "").strip().splitlines()
+            if proc.returncode != 0 or not out:
+                print(f"{name} seed {seed}: failed (exit {proc.returncode})", flush=True)
+                continue
+            figures = json.loads(out[-1])
+            with RUNS.open("a", encoding="utf-8") as log:
+                log.write(json.dumps(figures) + "\n")
+            print(f"{name:28s} seed {seed}: final test {figures['final_test']:.4f}  best-by-val test "
+                  f"{figures['best_test']:.4f}  {figures['examples_per_s']:.0f} ex/s  {figures['seconds']:.0f}s  "
+                  f"load {figures['load']:.1f}", flush=True)  # fmt: skip
+    return table(args)
+
+
+def table(args: argparse.Namespace) -> int:
+    runs = [json.loads(line) for line in RUNS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = ["# Recipe kit ablation (bench/recipe_kit.py)", "",
+             "Fashion-MNIST, 10 epochs, each model's default recipe ('base') with one change per row; 10% of train "
+             "held out for validation; test accuracy of the final weights and of the best epoch by validation, "
+             "median (min-max) over the seeds. On this machine's CPU (2 cores, shared).", ""]  # fmt: skip
+    for model in sorted({run["model"] for run in runs}):
+        mine = [run for run in runs if run["model"] == model]
+        base = [run["final_test"] for run in mine if run["row"] == "base"]
+        base_median = statistics.median(base) if base else None
+        lines += [f"## {model}", "", "| row | seeds | final test | vs base | best-by-val test | ex/s |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for name in dict.fromkeys(run["row"] for run in mine):
+            finals = [run["final_test"] for run in mine if run["row"] == name]
+            bests = [run["best_test"] for run in mine if run["row"] == name]
+            speed = statistics.median(run["examples_per_s"] for run in mine if run["row"] == name)
+            delta = f"{statistics.median(finals) - base_median:+.4f}" if base_median is not None else "-"
+            lines.append(f"| {name} | {len(finals)} | {statistics.median(finals):.4f} ({min(finals):.4f}-{max(finals):.4f}) "
+                         f"| {delta} | {statistics.median(bests):.4f} | {speed:.0f} |")  # fmt: skip
+        lines.append("")
+    loads = [run["load"] for run in runs]
+    lines.append(f"Load average during the runs: {min(loads):.1f}-{max(loads):.1f} (examples/s are not comparable "
+                 "across rows under that load; `speed` measures them).")  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    TABLE.write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+def speed(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from cnnkit.config import resolve_config
+    from cnnkit.data import load_dataset
+    from cnnkit.training.run import train
+
+    rows = {"all off": dict(OFF), **{name: {**OFF, **changes} for name, changes in ROWS.items() if changes},
+            "class_weights balanced": {**OFF, "class_weights": "balanced"}, "every knob on": {**OFF, **EVERYTHING}}
+    data = load_dataset("fashion-mnist", None, input_size=28)
+    rates: dict[str, list[float]] = {name: [] for name in rows}
+    with tempfile.TemporaryDirectory() as folder:
+        for repeat in range(args.repeats):
+            for name, changes in rows.items():  # interleaved: drift in the machine's load hits every row
+                config = resolve_config(overrides={"model": args.model, "epochs": 1, "quiet": True, "device": "cpu",
+                                                   "val_fraction": 0, "out": str(Path(folder) / f"{repeat}-{len(rates[name])}-{name}"),
+                                                   **changes})  # fmt: skip
+                rates[name].append(train(config, data=data).examples_per_s)
+    off = statistics.median(rates["all off"])
+    lines = [f"# Recipe kit speed: {args.model}, Fashion-MNIST 28 px, CPU, {args.threads} thread(s), "
+             f"median of {args.repeats} interleaved one-epoch runs, load {os.getloadavg()[0]:.1f}", "",
+             "| row | examples/s | vs all off |", "|---|---|---|"]  # fmt: skip
+    for name, values in rates.items():
+        lines.append(f"| {name} | {statistics.median(values):.0f} | {statistics.median(values) / off:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    (RESULTS / f"recipe-kit-speed-{args.model}.md").write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_one"]:  # a worker process of `ablation`
+        spec = json.loads(argv[1])
+        print(json.dumps(_one_run(spec["model"], spec["row"], spec["changes"], spec["seed"], spec["epochs"],
+                                  spec["threads"])))  # fmt: skip
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("ablation")
+    run.add_argument("--model", default="lenet_bn")
+    run.add_argument("--seeds", type=int, default=3)
+    run.add_argument("--epochs", type=int, default=10)
+    run.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
+    run.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    run.add_argument("--rows", nargs="*", default=None, help="only these rows (default: all)")
+    run.add_argument("--fresh", action="store_true", help="forget the runs already logged")
+    sub.add_parser("table")
+    fast = sub.add_parser("speed")
+    fast.add_argument("--model", default="lenet_bn")
+    fast.add_argument("--repeats", type=int, default=3)
+    fast.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    return {"ablation": ablation, "table": table, "speed": speed}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
