@@ -56,15 +56,22 @@ def onnx_extra() -> None:
     skip_without_extra()
 
 
+EXPORT_OUTPUT: dict[Path, str] = {}
+"""What the CLI printed for each file the ``exported`` fixture wrote."""
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(a lenet_bn .onnx file beside its .safetensors, an image for it): exported once, through the
-    CLI, for the tests that only read them (torch.export takes a second or two)."""
+    CLI with an explicit --format onnx and --no-check, for the tests that only read them
+    (torch.export takes a second or two)."""
     skip_without_extra()
     folder = tmp_path_factory.mktemp("exported")
     _, meta, weights = make_weights(folder, "lenet_bn")
     out = folder / "lenet_bn.onnx"
-    assert CliRunner().invoke(app, ["export", str(weights), "--out", str(out), "--no-check"]).exit_code == 0
+    result = CliRunner().invoke(app, ["export", str(weights), "--format", "onnx", "--out", str(out), "--no-check"])
+    assert result.exit_code == 0, result.output
+    EXPORT_OUTPUT[out] = result.output
     return out, write_images(folder, 1, meta.input_size, count=1)[0]
 
 
@@ -416,6 +423,7 @@ def test_missing_extra_is_one_line_naming_the_package(
     assert not (tmp_path / "new.onnx").exists()
 
 
+@pytest.mark.slow  # an export of its own
 def test_without_onnxruntime_export_warns_and_skips_the_check(
     tmp_path: Path, runner: Any, onnx_extra: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -484,10 +492,7 @@ def test_export_option_errors_exit_2(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet.safetensors"]
 
 
-def test_explicit_format_and_no_check(tmp_path: Path, runner: Any, onnx_extra: None) -> None:
-    _, _, weights = make_weights(tmp_path, "lenet")
-    out = tmp_path / "m.onnx"
-    result = runner.invoke(app, ["export", str(weights), "--format", "onnx", "--out", str(out), "--no-check"])
-    assert result.exit_code == 0, result.output
-    assert result.stdout.startswith(f"wrote {out} (lenet, ONNX opset 18") and "checked" not in result.output
+def test_explicit_format_and_no_check(exported: tuple[Path, Path]) -> None:
+    out, _ = exported
+    assert EXPORT_OUTPUT[out].startswith(f"wrote {out} (lenet_bn, ONNX opset 18") and "checked" not in EXPORT_OUTPUT[out]
     assert json.loads(props_of(out)["classes"]) == CLASSES

@@ -160,9 +160,8 @@ def test_the_int8_file_is_smaller_and_predicts(
     tmp_path: Path, runner: Any, random_weights: tuple[Path, Path], int8: tuple[Path, str]
 ) -> None:
     out, _ = int8
-    float_file = tmp_path / "float.onnx"
-    assert runner.invoke(app, ["export", str(random_weights[0]), "--out", str(float_file), "--no-check"]).exit_code == 0
-    assert out.stat().st_size < 0.5 * float_file.stat().st_size
+    # Against the float32 weights (a float32 graph is their size and a little more).
+    assert out.stat().st_size < 0.5 * random_weights[0].stat().st_size
     image = write_images(tmp_path, 1, 28, count=1)[0]
     result = runner.invoke(app, ["predict", str(out), str(image), "-k", "3", "-f", "json"])
     assert result.exit_code == 0, result.output
