@@ -41,7 +41,7 @@ import logging
 import re
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +86,7 @@ __all__ = [
     "export_graph",
     "model_to_onnx",
     "metadata_props",
+    "label",
     "check_onnx",
     "check_target",
     "check_plan",
@@ -166,6 +167,8 @@ class OnnxGraph:
     fallback: str | None = None
     """Why the TorchScript fallback wrote it (e.g. torch.export's error); None when torch.export did, or
     TorchScript was asked for."""
+    metadata: dict[str, str] = field(default_factory=dict)
+    """Its ``metadata_props`` (see :data:`METADATA_KEYS`)."""
 
 
 def _torch_export(model: nn.Module, example: torch.Tensor) -> Any:
@@ -238,13 +241,19 @@ def export_graph(model: nn.Module, meta: WeightsMeta, exporter: str = "auto") ->
     described = f"{used} (torch.onnx.export dynamo={used == 'torch.export'}), PyTorch {torch.__version__}"
     if fallback is not None:
         described += f"; the fallback, as {fallback}"
+    props = metadata_props(meta, described)
+    label(proto, props, f"cnnkit {meta.model}: {meta.in_channels}x{meta.input_size}x{meta.input_size} -> {meta.num_classes} logits")
+    onnx.checker.check_model(proto)
+    return OnnxGraph(proto.SerializeToString(), used, fallback, props)
+
+
+def label(proto: Any, props: dict[str, str], doc: str) -> None:
+    """Replace an ONNX ModelProto's ``metadata_props`` with ``props`` and its doc string with ``doc``."""
     del proto.metadata_props[:]
-    for key, value in metadata_props(meta, described).items():
+    for key, value in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    proto.doc_string = f"cnnkit {meta.model}: {meta.in_channels}x{meta.input_size}x{meta.input_size} -> {meta.num_classes} logits"
-    onnx.checker.check_model(proto)
-    return OnnxGraph(proto.SerializeToString(), used, fallback)
+    proto.doc_string = doc
 
 
 def model_to_onnx(model: nn.Module, meta: WeightsMeta) -> bytes:

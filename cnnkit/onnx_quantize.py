@@ -34,10 +34,11 @@ from cnnkit.onnx_export import (
     DEFAULT_TOLERANCE,
     OnnxCheck,
     OnnxExport,
+    OnnxGraph,
     check_plan,
     check_target,
     export_graph,
-    metadata_props,
+    label,
     quiet,
     verified,
     write_graph,
@@ -255,7 +256,7 @@ def export_int8(
     evaluated_on = None
     if splits is not None:
         images, labels = splits.test.images.numpy(), splits.test.labels.numpy()
-        graphs = (open_graph(graph.data, "the float32 graph"), open_graph(_with_metadata(int8, meta, graph.exporter), str(target)))
+        graphs = (open_graph(graph.data, "the float32 graph"), open_graph(_with_metadata(int8, graph, meta), str(target)))
         float_top1, int8_top1 = (top1(split_logits(g.predictor(), images, batch_size), labels) for g in graphs)
         evaluated_on = f"{splits.name} test ({len(labels)} examples)"
         drop = (float_top1 - int8_top1) * 100
@@ -270,7 +271,7 @@ def export_int8(
         "calibration": "min-max", "calibrated_on": calibration.source, "calibration_images": calibration.count,
         "evaluated_on": evaluated_on, "float32_top1": float_top1, "int8_top1": int8_top1,
     }  # fmt: skip
-    data = _with_metadata(int8, meta, graph.exporter, report)
+    data = _with_metadata(int8, graph, meta, report)
     write_graph(target, data)
     return Int8Export(
         OnnxExport(target, file, meta, len(data), result, unchecked, graph.exporter, graph.fallback, dtype="int8"),
@@ -278,18 +279,15 @@ def export_int8(
     )  # fmt: skip
 
 
-def _with_metadata(data: bytes, meta: WeightsMeta, exporter: str, report: dict[str, Any] | None = None) -> bytes:
+def _with_metadata(data: bytes, graph: OnnxGraph, meta: WeightsMeta, report: dict[str, Any] | None = None) -> bytes:
     """The quantised graph with the float one's metadata (and, once measured, the quantisation report)."""
     onnx = require("onnx", "--quantize")
     proto = onnx.load_from_string(data)
-    del proto.metadata_props[:]
-    props = metadata_props(meta, exporter)
+    props = dict(graph.metadata)
     if report is not None:
         props[QUANTIZATION_KEY] = json.dumps(report)
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    proto.doc_string = f"cnnkit {meta.model} (int8 QDQ): {meta.in_channels}x{meta.input_size}x{meta.input_size} -> {meta.num_classes} logits"
+    side = meta.input_size
+    label(proto, props, f"cnnkit {meta.model} (int8 QDQ): {meta.in_channels}x{side}x{side} -> {meta.num_classes} logits")
     serialised: bytes = proto.SerializeToString()
     return serialised
 

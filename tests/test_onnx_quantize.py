@@ -150,6 +150,8 @@ def test_the_int8_file_is_a_qdq_graph_with_per_channel_int8_weights(tmp_path: Pa
 
     props = props_of(out)
     assert set(METADATA_KEYS) | {QUANTIZATION_KEY} == set(props)
+    assert props["exporter"].startswith("torch.export (torch.onnx.export dynamo=True), PyTorch ")  # the float graph's
+    assert props["model"] == "lenet_bn" and json.loads(props["classes"])[0] == "T-shirt/top"
     report = json.loads(props[QUANTIZATION_KEY])
     assert report["format"] == "QDQ" and report["calibration_images"] == 256
     assert report["evaluated_on"] == "fashion-mnist test (80 examples)"
