@@ -2,7 +2,8 @@
 
     python bench/recipe_kit.py ablation --model lenet_bn --seeds 3 --jobs 2   # 10 epochs per run
     python bench/recipe_kit.py table                                       # the markdown table
-    python bench/recipe_kit.py speed --model lenet_bn --repeats 3
+    python bench/recipe_kit.py speed --model lenet_bn --repeats 3 --baseline ../before-kit
+    python bench/recipe_kit.py compare --baseline ../before-kit       # all off: this tree vs that one
 
 ``ablation`` trains the model's default recipe with every knob of the kit off ("base"; label
 smoothing too) and, per row, the base with one technique turned on (or a named combination), each for the given seeds, with cnnkit's own run driver (what
@@ -225,6 +226,32 @@ def speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare(args: argparse.Namespace) -> int:
+    """All knobs off here against all off in ``--baseline`` (the checkout before the kit): is the
+    plain loop any slower? Interleaved fresh processes, three one-epoch runs each (the best kept)."""
+    rows = {"all off, this tree": (str(Path(__file__).resolve().parent.parent), dict(OFF)),
+            "all off, before the kit": (args.baseline, {"augment": False, "label_smoothing": 0.0})}  # fmt: skip
+    rates: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(args.repeats):
+        for name, (tree, changes) in rows.items():
+            spec = json.dumps({"model": args.model, "changes": changes, "examples": args.examples,
+                               "threads": args.threads, "epochs": 3})  # fmt: skip
+            done = subprocess.run([sys.executable, "-c", _SPEED_WORKER, spec], capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": tree}, check=True)  # fmt: skip
+            rates[name].append(float(done.stdout.strip().splitlines()[-1]))
+        print({name: round(values[-1]) for name, values in rates.items()}, flush=True)
+    now, before = (statistics.median(values) for values in rates.values())
+    text = (f"\n## All off against the commit before the kit ({args.repeats} interleaved repeats, load "
+            f"{os.getloadavg()[0]:.1f})\n\n| row | examples/s (median) | each repeat |\n|---|---|---|\n"
+            + "".join(f"| {name} | {statistics.median(values):.0f} | {', '.join(f'{v:.0f}' for v in values)} |\n"
+                      for name, values in rates.items())
+            + f"\nRatio: {now / before:.2f}x.\n")  # fmt: skip
+    with (RESULTS / f"recipe-kit-speed-{args.model}.md").open("a", encoding="utf-8") as out:
+        out.write(text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_one"]:  # a worker process of `ablation`
@@ -249,8 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     fast.add_argument("--threads", type=int, default=2)
     fast.add_argument("--examples", type=int, default=20000, help="training images per epoch")
     fast.add_argument("--baseline", default=None, metavar="TREE", help="also time all-off in this checkout")
+    same = sub.add_parser("compare")
+    same.add_argument("--model", default="lenet_bn")
+    same.add_argument("--repeats", type=int, default=6)
+    same.add_argument("--threads", type=int, default=2)
+    same.add_argument("--examples", type=int, default=12000)
+    same.add_argument("--baseline", required=True, metavar="TREE", help="the checkout to compare with")
     args = parser.parse_args(argv)
-    return {"ablation": ablation, "table": table, "speed": speed}[args.command](args)
+    return {"ablation": ablation, "table": table, "speed": speed, "compare": compare}[args.command](args)
 
 
 if __name__ == "__main__":
