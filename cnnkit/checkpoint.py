@@ -81,6 +81,9 @@ class WeightsMeta(BaseModel):
     mean: list[float] | None = None
     """Per-channel mean on the 0..1 scale; None: inputs are only scaled to 0..1 (the d2l recipe)."""
     std: list[float] | None = None
+    init_from: dict[str, Any] | None = None
+    """Where the run's initial weights came from (``--init-from``): ``source`` as given, ``path``,
+    ``sha256`` and ``format``; None: the model's own initialisation."""
     epoch: int | None = None
     metrics: dict[str, float | None] = {}
     """E.g. ``{"val_acc": 0.91}`` at that epoch."""
