@@ -14,7 +14,10 @@ later invocations with the same settings. Then, per seed, on COIL-20's ``pose-bl
 
 - ``finetune``: ``--init-from`` the source run and ``--recipe finetune`` (the 10-class head is
   replaced by a 20-class one, nothing frozen), for ``--epochs``;
-- ``scratch``: the same model from its own initialisation with ``--recipe default``, for ``--epochs``.
+- ``scratch``: the same model from its own initialisation with ``--recipe default``, for ``--epochs``;
+- ``init-default`` (only when asked for with ``--arms``): ``--init-from`` the source run with
+  ``--recipe default``: the same start as ``finetune`` at the default recipe's rate and warm-up, to
+  tell the weights' share from the recipe's.
 
 Both at batch 32 (COIL-20 has 1,200 training images). Every finished run is appended to
 ``--record`` (JSON lines) and skipped when asked for again; the report (median and each seed's
@@ -37,7 +40,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 # part -> (model, side, batch of the COIL-20 runs)
 PARTS: dict[str, tuple[str, int, int]] = {"lenet_bn": ("lenet_bn", 28, 32), "resnet18": ("resnet18", 64, 32)}
-ARMS = ("finetune", "scratch")
+ARMS = ("finetune", "scratch", "init-default")
 
 
 def read_record(path: Path) -> list[dict[str, Any]]:
@@ -122,7 +125,7 @@ def coil_run(part: str, arm: str, seed: int, source: Path, data: Any, args: argp
         "input_size": side, "batch_size": batch, "seed": seed, "device": "cpu", "quiet": True,
         "recipe": "finetune" if arm == "finetune" else "default",
     }  # fmt: skip
-    if arm == "finetune":
+    if arm != "scratch":
         overrides["init_from"] = str(source)
     config = resolve_config(overrides=overrides)
     with tempfile.TemporaryDirectory() as folder:
@@ -162,7 +165,7 @@ def report(rows: list[dict[str, Any]], work: Path, command: str) -> str:
             f"{note['train_examples']:,} images (default recipe): test acc {note['test_acc']:.3f}, "
             f"{note['seconds']:.0f} s, load {note['load_before']} -> {note['load_after']}"
         )
-    lines += ["", f"{'part':9} {'arm':9} {'epochs':>6} {'seeds':>5}  {'median':>6}  each seed's test acc     s/run  load"]
+    lines += ["", f"{'part':9} {'arm':12} {'epochs':>6} {'seeds':>5}  {'median':>6}  each seed's test acc     s/run  load"]
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["part"], row["source"], row["epochs"], row["arm"]), []).append(row)
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated (default: {','.join(PARTS)})")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1 of the COIL-20 runs (default 3)")
     parser.add_argument("--epochs", type=int, default=5, help="epochs of each COIL-20 run (default 5)")
-    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated: finetune, scratch")
+    parser.add_argument("--arms", default="finetune,scratch", help="comma-separated: finetune, scratch, init-default")
     parser.add_argument("--source-epochs", type=int, default=2, help="epochs of the Fashion-MNIST run (default 2)")
     parser.add_argument("--source-limit", type=int, default=None, help="train the source on N images (default all)")
     parser.add_argument("--source-only", action="store_true", help="only train (and cache) the source runs")

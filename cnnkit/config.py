@@ -251,7 +251,7 @@ def describe_config(config: TrainConfig) -> str:
     extras += [name for name, on in (("augment", c.augment), ("normalize", c.normalize)) if on]
     extras += ["xavier init"] if c.init == "xavier" else []
     extras += [f"init from {c.init_from}"] if c.init_from else []
-    extras += [f"freeze {c.freeze}" + (f" {c.freeze_epochs} epochs" if c.freeze_epochs else "")] if c.freeze != "none" else []
+    extras += [f"freeze {c.freeze}" + (f" for {c.freeze_epochs} ep" if c.freeze_epochs else "")] if c.freeze != "none" else []
     extras += [f"head lr x{c.head_lr_mult:g}"] if c.head_lr_mult != 1 else []
     options = "".join(f" {k}={v}" for k, v in {**c.model_options, **c.dataset_options}.items())
     return (

@@ -71,7 +71,8 @@ def sha256_of(path: Path) -> str:
 
 def _reason(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    telling = [line for line in lines if "Unsupported" in line]
+    # torch's refusal of a pickle is a paragraph; the line naming the blocked global is the one to show.
+    telling = [line for line in lines if re.search(r"unsupported|GLOBAL", line, re.IGNORECASE)]
     return ((telling or lines or [type(exc).__name__])[0])[:200]
 
 

@@ -37,7 +37,7 @@ class Freezer:
         if self.epochs is not None and run.first_epoch > self.epochs:
             return  # resumed after the unfreezing
         self.frozen = frozen = freeze_backbone(run.model, self.head)
-        until = f" for {self.epochs} epochs, then the whole model" if self.epochs is not None else ""
+        until = f" for {self.epochs} epoch{'' if self.epochs == 1 else 's'}, then the whole model" if self.epochs is not None else ""
         self._say(
             f"backbone frozen: training head '{self.head}' only ({frozen.trainable:,} of {frozen.total:,} "
             f"parameters){until}; {len(frozen.hooks)} frozen BatchNorm layers kept in eval mode"
