@@ -85,7 +85,7 @@ def source_run(part: str, args: argparse.Namespace) -> Path:
     model, side, _ = PARTS[part]
     limit = f"-{args.source_limit}" if args.source_limit else ""
     folder = args.work / f"{part}-fashion-mnist-{side}px-{args.source_epochs}ep{limit}"
-    if RunDir(folder).holds_run() and (folder / "best.safetensors").is_file():
+    if RunDir(folder).holds_run() and (folder / "bench-source.json").is_file():  # finished, not half-trained
         print(f"{part}: source run {folder} reused", flush=True)
         return folder
     if folder.exists():
@@ -147,11 +147,12 @@ def _key(row: dict[str, Any]) -> tuple[Any, ...]:
     return (row["part"], row["arm"], row["seed"], row["epochs"], row["source"])
 
 
-def report(rows: list[dict[str, Any]], work: Path, command: str) -> str:
+def report(rows: list[dict[str, Any]], work: Path, command: str, notes: list[str]) -> str:
     """The text of bench/results/finetune.txt: one line per (part, source, arm) and the runs."""
     lines = [
-        f"# bench/finetune.py: fine-tuned vs from scratch on COIL-20 pose-block ({command})",
+        f"# bench/finetune.py: fine-tuned vs from scratch on COIL-20 pose-block (last: {command})",
         f"# {os.cpu_count()} CPUs; load average (1 min) from os.getloadavg around each run; final-epoch test accuracy",
+        *[f"# {note}" for note in notes],
         "",
     ]
     sources: dict[str, dict[str, Any]] = {}
@@ -162,7 +163,7 @@ def report(rows: list[dict[str, Any]], work: Path, command: str) -> str:
     for name, note in sources.items():
         lines.append(
             f"source {name}: {note['model']} on Fashion-MNIST at {note['input_size']} px, {note['epochs']} epochs on "
-            f"{note['train_examples']:,} images (default recipe): test acc {note['test_acc']:.3f}, "
+            f"{note['train_examples']:,} images less the 10% held out for validation (default recipe): test acc {note['test_acc']:.3f}, "
             f"{note['seconds']:.0f} s, load {note['load_before']} -> {note['load_after']}"
         )
     lines += ["", f"{'part':9} {'arm':12} {'epochs':>6} {'seeds':>5}  {'median':>6}  each seed's test acc     s/run  load"]
@@ -174,7 +175,7 @@ def report(rows: list[dict[str, Any]], work: Path, command: str) -> str:
         finals = [r["final"] for r in runs]
         loads = [v for r in runs for v in (r["load_before"], r["load_after"])]
         lines.append(
-            f"{part:9} {arm:9} {epochs:>6} {len(runs):>5}  {statistics.median(finals):.3f}  "
+            f"{part:9} {arm:12} {epochs:>6} {len(runs):>5}  {statistics.median(finals):.3f}  "
             f"{' '.join(f'{f:.3f}' for f in finals):24} {statistics.median(r['seconds'] for r in runs):>5.0f}  "
             f"{min(loads):.1f}-{max(loads):.1f}"
         )
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", type=Path, default=HERE / "results" / "finetune-runs.jsonl")
     parser.add_argument("--report", type=Path, default=HERE / "results" / "finetune.txt")
     parser.add_argument("--table", action="store_true", help="train nothing; rewrite the report from the record")
+    parser.add_argument("--note", action="append", default=[], help="a line to add under the report's header")
     args = parser.parse_args(argv)
     command = "python bench/finetune.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from cnnkit.fs import atomic_write
 
-    text = report(read_record(args.record), args.work, command)
+    text = report(read_record(args.record), args.work, command, args.note)
     print(text, end="")
     atomic_write(args.report, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return 0

@@ -135,8 +135,8 @@ def _check_head(owner: str, model: nn.Module, head: str, classes: int) -> None:
         module = model.get_submodule(head)
     except AttributeError:
         _fail(f"{owner}: 'head' is {head!r}, but the built module has no such submodule")
-    last = [p for p in module.parameters()][-1:] or [None]
-    if last[0] is None or last[0].shape[0] != classes:
+    last = list(module.parameters())[-1:]
+    if not last or last[0].shape[0] != classes:
         _fail(f"{owner}: the head {head!r} must end in the layer whose outputs are the {classes} classes")
 
 

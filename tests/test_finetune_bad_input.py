@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 from test_config import fancy_plugin  # noqa: F401  (a fixture: a plugin model whose spec names no head)
-from tests.helpers import train_args
 
 import cnnkit
 from cnnkit.cli.app import app
+from tests.helpers import train_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,8 +122,9 @@ def test_torchvision_name_absent_from_the_hub_cache_names_the_url_and_path(
 def test_torchvision_name_found_in_the_hub_cache_loads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import hashlib
 
-    import cnnkit.weights_init as weights_init
     from test_torchvision_weights import torchvision_model
+
+    import cnnkit.weights_init as weights_init
 
     reference = torchvision_model("resnet18")
     made = tmp_path / "made.pth"

@@ -15,9 +15,9 @@ out (torchvision uses them only in training), as is the input transform of its I
 
 from __future__ import annotations
 
-import torch
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
