@@ -305,7 +305,12 @@ def initialise(
         )
     model.load_state_dict(merged, strict=True)
     loaded = sum(1 for key in target if key in state and state[key].shape == target[key].shape)
-    what = f"cnnkit {meta.model} ({meta.dataset or 'unknown data'}, {meta.num_classes} classes)" if meta else kind
+    if meta is not None:
+        what = f"cnnkit {meta.model} ({meta.dataset or 'unknown data'}, {meta.num_classes} classes)"
+    elif source.startswith(TORCHVISION_PREFIX):
+        what = f"torchvision's {source[len(TORCHVISION_PREFIX):]}"
+    else:
+        what = f"state dict{hint}"
     summary = f"initial weights: {what} from {path} (sha256 {sha[:12]}): {loaded} of {len(target)} tensors loaded"
     record = InitRecord(source, str(path.resolve()), sha, kind, [summary, *notes])
     if left_out:
