@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HYPERPARAMETER_KEYS",
+    "FINETUNE_LR_FACTOR",
+    "FINETUNE_WARMUP",
     "RecipeName",
     "RECIPE_NAMES",
     "Hyperparameters",

@@ -202,7 +202,7 @@ def _renamed(
     layout = torchvision_layout(model, typed)
     if set(state) <= set(target) or layout is None or isinstance(layout, str):
         # The model's own keys (a state dict saved from cnnkit's model), or no mapping to try.
-        return state, "", f"; {layout}" if isinstance(layout, str) else ""
+        return state, "", f" ({layout})" if isinstance(layout, str) else ""
     renamed: dict[str, torch.Tensor] = {}
     dropped = 0
     for key, tensor in state.items():
