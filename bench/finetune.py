@@ -166,7 +166,8 @@ def report(rows: list[dict[str, Any]], work: Path, command: str, notes: list[str
             f"{note['train_examples']:,} images less the 10% held out for validation (default recipe): test acc {note['test_acc']:.3f}, "
             f"{note['seconds']:.0f} s, load {note['load_before']} -> {note['load_after']}"
         )
-    lines += ["", f"{'part':9} {'arm':12} {'epochs':>6} {'seeds':>5}  {'median':>6}  each seed's test acc     s/run  load"]
+    lines += ["", f"{'part':9} {'arm':12} {'epochs':>6} {'seeds':>5}  {'median':>6}  each seed's test acc     "
+                  "val acc after epoch 1 (median)  s/run  load"]
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["part"], row["source"], row["epochs"], row["arm"]), []).append(row)
@@ -176,7 +177,8 @@ def report(rows: list[dict[str, Any]], work: Path, command: str, notes: list[str
         loads = [v for r in runs for v in (r["load_before"], r["load_after"])]
         lines.append(
             f"{part:9} {arm:12} {epochs:>6} {len(runs):>5}  {statistics.median(finals):.3f}  "
-            f"{' '.join(f'{f:.3f}' for f in finals):24} {statistics.median(r['seconds'] for r in runs):>5.0f}  "
+            f"{' '.join(f'{f:.3f}' for f in finals):24} {statistics.median(r['val_acc'][0] for r in runs):>30.3f}  "
+            f"{statistics.median(r['seconds'] for r in runs):>5.0f}  "
             f"{min(loads):.1f}-{max(loads):.1f}"
         )
     lines += ["", "runs (val acc per epoch):"]
