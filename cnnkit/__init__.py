@@ -73,9 +73,30 @@ def get_trainer(name: str) -> Trainer:
     return TRAINERS.get(name)
 
 
-def build_model(name: str, in_channels: int = 1, num_classes: int = 10, **options: Any) -> nn.Module:
-    """Build a freshly initialised model: ``build_model("vgg11", 1, 10, width=0.25)``."""
-    return get_model(name).build(in_channels, num_classes, **options)
+def build_model(
+    name: str, in_channels: int = 1, num_classes: int = 10, *, weights: str | Path | None = None, **options: Any
+) -> nn.Module:
+    """Build a freshly initialised model: ``build_model("vgg11", 1, 10, width=0.25)``.
+
+    ``weights``: start from these instead (what ``cnnkit train --init-from`` takes): a cnnkit run
+    directory or weights file of the same model, a torchvision-format state dict (``.pth``/``.pt``,
+    read with ``weights_only=True``, or ``.safetensors``), or ``"torchvision:NAME"`` from torch hub's
+    cache (never downloaded). A class count other than the file's replaces the classifier; another
+    channel count adapts the first convolution; each is said in one line on stderr. Anything else
+    that does not fit raises :class:`cnnkit.errors.WeightsError`."""
+    from cnnkit.protocols import model_head
+
+    spec = get_model(name)
+    model = spec.build(in_channels, num_classes, **options)
+    if weights is not None:
+        from cnnkit._console import warn
+        from cnnkit.weights_init import initialise
+
+        record = initialise(model, name, options, str(weights), head=model_head(spec),
+                            in_channels=in_channels, num_classes=num_classes)  # fmt: skip
+        for note in record.notes[1:]:
+            warn(note)
+    return model
 
 
 def load_model(path: str | Path, device: str = "cpu") -> nn.Module:

@@ -84,6 +84,9 @@ class WeightsMeta(BaseModel):
     ema: float | None = None
     """The decay when these weights are an exponential moving average of the trained ones (``--ema``);
     None: the trained weights themselves."""
+    init_from: dict[str, Any] | None = None
+    """Where the run's initial weights came from (``--init-from``): ``source`` as given, ``path``,
+    ``sha256`` and ``format``; None: the model's own initialisation."""
     epoch: int | None = None
     metrics: dict[str, float | None] = {}
     """E.g. ``{"val_acc": 0.91}`` at that epoch."""

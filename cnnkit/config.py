@@ -65,7 +65,23 @@ class TrainConfig(Hyperparameters):
         default_factory=dict, description="The trainer's own options (-t key=value), e.g. {report_every = 2}."
     )
     recipe: RecipeName = Field(
-        "default", description="Hyperparameter set: the model's own 'default' or the seed's 'd2l'."
+        "default",
+        description="Hyperparameter set: the model's own 'default', the seed's 'd2l', or 'finetune' (default's, "
+        "a tenth of its peak lr, half an epoch of warm-up, the model's own init).",
+    )  # fmt: skip
+    init_from: str | None = Field(
+        None,
+        description="Start from these weights: a cnnkit run directory or .safetensors file of the same model, a "
+        "torchvision state dict (.pth/.pt/.safetensors), or torchvision:NAME from torch hub's cache (never downloaded).",
+    )  # fmt: skip
+    freeze: Literal["none", "backbone"] = Field(
+        "none", description="backbone: train only the model's head (the frozen part's BatchNorm stays in eval mode)."
+    )
+    freeze_epochs: int | None = Field(
+        None, gt=0, description="With --freeze backbone: unfreeze the whole model after this many epochs (None: never)."
+    )
+    head_lr_mult: float = Field(
+        1.0, gt=0, description="The head's learning rate as a multiple of lr (the rest trains at lr); 1: the same."
     )
 
     # -- reproducibility and hardware ---------------------------------------------------------
@@ -266,6 +282,9 @@ def describe_config(config: TrainConfig) -> str:
     extras += ["balanced classes"] if c.class_weights == "balanced" else []
     extras += ["normalize"] if c.normalize else []
     extras += ["xavier init"] if c.init == "xavier" else []
+    extras += [f"init from {c.init_from}"] if c.init_from else []
+    extras += [f"freeze {c.freeze}" + (f" for {c.freeze_epochs} ep" if c.freeze_epochs else "")] if c.freeze != "none" else []
+    extras += [f"head lr x{c.head_lr_mult:g}"] if c.head_lr_mult != 1 else []
     options = "".join(f" {k}={v}" for k, v in {**c.model_options, **c.dataset_options}.items())
     return (
         f"{c.model}{options} on {c.dataset} · recipe {c.recipe}: {c.epochs} epochs · batch {c.batch_size} · "

@@ -25,11 +25,14 @@ if TYPE_CHECKING:
 __all__ = [
     "HYPERPARAMETER_KEYS",
     "AugmentMode",
+    "FINETUNE_LR_FACTOR",
+    "FINETUNE_WARMUP",
     "RecipeName",
     "RECIPE_NAMES",
     "Hyperparameters",
     "Recipe",
     "ModelSpec",
+    "model_head",
     "ImageTensors",
     "DatasetSplits",
     "DatasetSpec",
@@ -43,8 +46,9 @@ __all__ = [
 AugmentMode = Literal["none", "crop-flip", "trivial", "randaugment"]
 """Training augmentation (``--augment``); see :mod:`cnnkit.data.augment`."""
 
-RecipeName = Literal["default", "d2l"]
-"""``default``: the model spec's own recipe, used as written; ``d2l``: the seed's, derived from it."""
+RecipeName = Literal["default", "d2l", "finetune"]
+"""``default``: the model spec's own recipe, used as written; ``d2l``: the seed's, derived from it;
+``finetune``: for a run that starts from trained weights (``--init-from``), derived from it."""
 RECIPE_NAMES: tuple[str, ...] = get_args(RecipeName)
 
 
@@ -115,6 +119,11 @@ class Hyperparameters(BaseModel):
 HYPERPARAMETER_KEYS: tuple[str, ...] = tuple(Hyperparameters.model_fields)
 """The config keys a recipe fills (a file or the command line may still override each)."""
 
+FINETUNE_LR_FACTOR = 0.1
+"""The ``finetune`` recipe's peak learning rate, as a share of the default recipe's."""
+FINETUNE_WARMUP = 0.5
+"""The ``finetune`` recipe's warm-up, in epochs."""
+
 
 class Recipe(Hyperparameters):
     """How a model trains by default (``--recipe default``), and what the seed used (``--recipe d2l``).
@@ -123,6 +132,8 @@ class Recipe(Hyperparameters):
     same epochs, batch and input size, the seed's optimiser and learning rate, and nothing else
     (no momentum, weight decay, schedule, smoothing, augmentation, mixing, EMA, clipping or
     normalisation; Xavier init).
+    The ``finetune`` recipe too: the default one with a tenth of its peak rate, a short warm-up
+    (half an epoch, whatever the schedule) and the model's own initialisation (no Xavier).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -139,6 +150,9 @@ class Recipe(Hyperparameters):
         own = {key: getattr(self, key) for key in HYPERPARAMETER_KEYS}
         if name == "default":
             return Hyperparameters(**own)
+        if name == "finetune":
+            return Hyperparameters(**{**own, "lr": self.lr * FINETUNE_LR_FACTOR, "warmup": FINETUNE_WARMUP,
+                                      "init": "default"})  # fmt: skip
         return Hyperparameters(
             epochs=self.epochs, batch_size=self.batch_size, input_size=self.input_size,
             optimizer=self.seed_optimizer, lr=self.seed_lr or self.lr, momentum=0.0, nesterov=False,
@@ -165,6 +179,17 @@ class ModelSpec(Protocol):
     def build(self, in_channels: int = 1, num_classes: int = 10, **options: Any) -> nn.Module:
         """A freshly initialised ``nn.Module`` mapping (N, in_channels, H, W) to (N, num_classes)."""
         ...
+
+
+def model_head(spec: object) -> str | None:
+    """Where a model spec's head is: its optional ``head`` attribute, a dotted submodule path of the
+    built module (``fc``, ``classifier``, ``head``, ``12``) holding the layers after the feature
+    extractor, the last of which maps to the classes. ``None`` when the spec does not say (it is not
+    a protocol member, so specs written before it still load); then ``--freeze backbone`` and
+    ``--head-lr-mult`` refuse the model, and a class-count change replaces only the layers whose
+    outputs are the classes."""
+    head = getattr(spec, "head", None)
+    return head if isinstance(head, str) and head else None
 
 
 @dataclass

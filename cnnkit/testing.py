@@ -130,6 +130,16 @@ def _check_real_step(
     _check_output(owner, single, 1, classes)
 
 
+def _check_head(owner: str, model: nn.Module, head: str, classes: int) -> None:
+    try:
+        module = model.get_submodule(head)
+    except AttributeError:
+        _fail(f"{owner}: 'head' is {head!r}, but the built module has no such submodule")
+    last = list(module.parameters())[-1:]
+    if not last or last[0].shape[0] != classes:
+        _fail(f"{owner}: the head {head!r} must end in the layer whose outputs are the {classes} classes")
+
+
 def check_model_spec(
     spec: ModelSpec,
     *,
@@ -142,7 +152,8 @@ def check_model_spec(
     """Check that ``spec`` honours cnnkit's ``ModelSpec`` contract; ``AssertionError`` says what is wrong.
 
     Checked: the protocol attributes (``name`` a str; ``summary`` and ``paper`` non-empty;
-    ``recipe`` a :class:`~cnnkit.protocols.Recipe`; ``options`` a pydantic model that forbids
+    ``recipe`` a :class:`~cnnkit.protocols.Recipe`; the optional ``head`` the path of a submodule that
+    ends in the layer whose outputs are the classes; ``options`` a pydantic model that forbids
     unknown keys, documents each field and has all defaults); ``build()`` on the ``meta`` device
     for every combination of ``in_channels`` and ``num_classes`` returns an ``nn.Module`` whose
     tensors all live on ``meta`` (``cnnkit summary`` relies on that) and maps
@@ -167,6 +178,9 @@ def check_model_spec(
         _fail(f"{owner}: has no build(in_channels, num_classes, **options) method")
     if not isinstance(spec, ModelSpec):
         _fail(f"{owner}: does not satisfy cnnkit.protocols.ModelSpec")
+    head = getattr(spec, "head", None)
+    if head is not None and (not isinstance(head, str) or not head):
+        _fail(f"{owner}: 'head' must be the dotted path of a submodule (e.g. 'fc') or None, got {head!r}")
     options = dict(options or {})
     try:
         schema(**options)
@@ -192,6 +206,8 @@ def check_model_spec(
                         f"{type(exc).__name__}: {exc}; pass a valid input_size or fix the model"
                     )
             _check_output(where, output, _BATCH, classes)
+            if head is not None:
+                _check_head(where, model, head, classes)
             elsewhere = [f"{name} ({t.device})" for name, t in _tensors(model) if t.device.type != "meta"]
             if elsewhere:
                 _fail(

@@ -20,6 +20,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "dataset": ("coil20", "coil20"), "data": ("somewhere", "somewhere"), "trainer": ("standard", "standard"),
     "recipe": ("d2l", "d2l"), "device": ("cpu", "cpu"), "out": ("elsewhere", "elsewhere"),
     "runs_dir": ("experiments", "experiments"), "momentum": ("0.5", 0.5), "label_smoothing": ("0.25", 0.25),
+    "init_from": ("torchvision:resnet18", "torchvision:resnet18"),
 }  # fmt: skip
 
 

@@ -117,6 +117,10 @@ def train_command(
 
         if config is not None:
             raise UsageError("--resume continues a run with its own config; drop --config")
+        if "init_from" in given:
+            raise UsageError(
+                "--init-from starts a new run from other weights, --resume continues a run from its own; use one of them"
+            )
         resume(resume_dir, given)
         return
 

@@ -27,7 +27,9 @@ class NoOptions(BaseModel):
 
 @dataclass(frozen=True)
 class Architecture(Generic[O]):
-    """A registered architecture: metadata, the seed recipe and a builder ``(c, k, options) -> Module``."""
+    """A registered architecture: metadata, the seed recipe, a builder ``(c, k, options) -> Module``
+    and where the built module's head is (``head``: a dotted submodule path such as ``fc``; see
+    :func:`cnnkit.protocols.model_head`)."""
 
     name: str
     summary: str
@@ -35,6 +37,7 @@ class Architecture(Generic[O]):
     recipe: Recipe
     options: type[O]
     builder: Callable[[int, int, O], nn.Module]
+    head: str | None = None
 
     def build(self, in_channels: int = 1, num_classes: int = 10, **options: Any) -> nn.Module:
         """A freshly initialised model; unknown or invalid options raise ``UsageError``."""

@@ -127,6 +127,7 @@ DENSENET = Architecture(
     recipe=sgd_recipe(96, lr=0.1, seed_lr=0.01),
     options=DenseNetOptions,
     builder=lambda c, k, o: _densenet("densenet", c, k, o),
+    head="head",
 )
 
 DENSENET121 = Architecture(
@@ -136,4 +137,5 @@ DENSENET121 = Architecture(
     recipe=sgd_recipe(96, lr=0.1, seed_lr=0.01),
     options=DenseNetOptions,
     builder=lambda c, k, o: _densenet("densenet121", c, k, o),
+    head="head",
 )

@@ -55,6 +55,7 @@ LENET = Architecture(
     ),
     options=NoOptions,
     builder=lambda c, k, o: _lenet("lenet", c, k),
+    head="12",  # the last Linear of the flat Sequential
 )
 
 LENET_BN = Architecture(
@@ -64,4 +65,5 @@ LENET_BN = Architecture(
     recipe=sgd_recipe(28, lr=0.2, seed_lr=0.1, label_smoothing=0.0, augment=False),
     options=NoOptions,
     builder=lambda c, k, o: _lenet("lenet_bn", c, k),
+    head="16",  # the last Linear of the flat Sequential
 )

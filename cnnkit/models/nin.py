@@ -74,4 +74,5 @@ NIN = Architecture(
     recipe=sgd_recipe(224, lr=0.01, seed_lr=0.05),
     options=NiNOptions,
     builder=_nin,
+    head="head",
 )

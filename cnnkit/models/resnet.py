@@ -51,6 +51,7 @@ RESNET18 = Architecture(
     recipe=sgd_recipe(96, lr=0.1, seed_lr=0.01),
     options=ResNetOptions,
     builder=lambda c, k, o: _resnet("resnet18", c, k, o),
+    head="fc",
 )
 
 RESNET50 = Architecture(
@@ -60,4 +61,5 @@ RESNET50 = Architecture(
     recipe=sgd_recipe(96, lr=0.1, seed_lr=0.01),
     options=ResNetOptions,
     builder=lambda c, k, o: _resnet("resnet50", c, k, o),
+    head="fc",
 )

@@ -70,6 +70,7 @@ VGG11 = Architecture(
     recipe=sgd_recipe(224, lr=0.01, seed_lr=0.01),
     options=VGGOptions,
     builder=lambda c, k, o: _vgg("vgg11", c, k, o),
+    head="classifier",
 )
 
 VGG16 = Architecture(
@@ -79,4 +80,5 @@ VGG16 = Architecture(
     recipe=sgd_recipe(224, lr=0.01, seed_lr=0.01),
     options=VGGOptions,
     builder=lambda c, k, o: _vgg("vgg16", c, k, o),
+    head="classifier",
 )

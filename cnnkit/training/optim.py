@@ -31,23 +31,62 @@ import torch
 from torch import nn
 
 from cnnkit.config import TrainConfig
+from cnnkit.errors import UsageError
 
 __all__ = ["Resume", "build_optimizer", "describe_plan", "lr_schedule", "xavier_init"]
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW; weight decay applies to weight matrices and kernels, not to biases or norms."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """SGD or AdamW; weight decay applies to weight matrices and kernels, not to biases or norms.
+
+    With ``--freeze backbone`` the frozen parameters are in it too (no gradient: no step, no decay),
+    so that they train once unfrozen. With ``--head-lr-mult X`` the head's parameters form their own
+    groups, marked ``lr_scale`` X: around every ``step`` the optimiser multiplies their ``lr`` by it
+    (and restores it after), so a trainer that sets every group's ``lr`` to the schedule's, as the
+    protocol says, gives the head X times the rate without knowing of it.
+    """
+    keep_frozen = config.freeze != "none"
+    params = [p for p in model.parameters() if p.requires_grad or keep_frozen]
+    head: set[int] = set()
+    if config.head_lr_mult != 1:
+        from cnnkit.training.finetune import head_of, head_parameters
+
+        name = head_of(config)
+        if name is None:
+            raise UsageError(f"--head-lr-mult needs model '{config.model}' to say where its head is, and its spec does not")
+        head = {id(p) for p in head_parameters(model, name)}
+    groups: list[dict[str, Any]] = []
+    for in_head in (False, True) if head else (False,):
+        part = [p for p in params if (id(p) in head) == in_head]
+        scale = {"lr_scale": config.head_lr_mult} if in_head else {}
+        groups += [
+            {"params": [p for p in part if p.ndim > 1], "weight_decay": config.weight_decay, **scale},
+            {"params": [p for p in part if p.ndim <= 1], "weight_decay": 0.0, **scale},
+        ]
+    optimizer: torch.optim.Optimizer
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr)
-    return torch.optim.SGD(
-        groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0
-    )
+        optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    else:
+        optimizer = torch.optim.SGD(
+            groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0
+        )
+    if head:
+        optimizer.register_step_pre_hook(_scale_rates)
+        optimizer.register_step_post_hook(_restore_rates)
+    return optimizer
+
+
+def _scale_rates(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for group in optimizer.param_groups:
+        if group.get("lr_scale", 1.0) != 1.0:
+            group["lr_unscaled"] = group["lr"]
+            group["lr"] = group["lr"] * group["lr_scale"]
+
+
+def _restore_rates(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for group in optimizer.param_groups:
+        if "lr_unscaled" in group:
+            group["lr"] = group.pop("lr_unscaled")
 
 
 @dataclass(frozen=True)

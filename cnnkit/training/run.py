@@ -125,6 +125,7 @@ def _drive(
 ) -> RunResult:  # fmt: skip
     from cnnkit.options import parse_options
     from cnnkit.registry import TRAINERS
+    from cnnkit.training import finetune
     from cnnkit.training.events import Feature
     from cnnkit.training.handlers import EarlyStopping, default_handlers
 
@@ -137,6 +138,10 @@ def _drive(
         model, data = prepare(config, folder if saved is not None else None)
     else:
         model = build_model(config, data)
+    finetune.check(config, model, strategy)
+    # --init-from: a fresh run loads the weights now; a resumed one restores its own below.
+    recorded = folder.environment().get("init_from") if saved is not None and folder is not None else None
+    init_from = finetune.start_weights(model, config, data, recorded, strategy.is_main and not config.quiet)
     data, validation = with_validation(config, data)
     if validation is None and config.patience is not None:
         raise UsageError(
@@ -166,10 +171,13 @@ def _drive(
     model.to(device)
     amp = _amp_dtype(config, device)
     meta = weights_meta(config, data, validation)
+    if init_from is not None:
+        meta = meta.model_copy(update={"init_from": {k: init_from[k] for k in ("source", "path", "sha256", "format")}})
     run = Run(
         config, run_dir, model, data, device, options, EventBus(), meta, strategy=strategy,
         amp_dtype=amp, resume_from=saved, trainer=trainer,
-        environment={**environment(config, data, strategy, amp), "validation": validation},
+        environment={**environment(config, data, strategy, amp), "validation": validation,
+                     **({"init_from": init_from} if init_from is not None else {})},
         state=RunState.resumed_from(saved) if saved is not None else RunState(), resumes=resumes,
         replanned=replanned,
     )  # fmt: skip
@@ -318,6 +326,8 @@ def train(
     if config.data is not None:
         # Absolute, so that --resume, eval and the saved config work from any working directory.
         config = config.model_copy(update={"data": str(Path(config.data).expanduser().resolve())})
+    if config.init_from is not None and not config.init_from.startswith("torchvision:"):
+        config = config.model_copy(update={"init_from": str(Path(config.init_from).expanduser().resolve())})
     if _launches(config):
         return launch_train(config, data, handlers)
     with strategies.session(config.device, config.dist_timeout) as strategy:

@@ -11,6 +11,7 @@ done by one handler of this package, one handler a module:
 | CurvesPlot     | curves         | EPOCH_COMPLETED                    | curves.png                    |
 | LogFile        | log            | all but ITERATION_COMPLETED        | log.txt                       |
 | EarlyStopping  | early_stopping | EPOCH_COMPLETED                    | (sets ``run.should_stop``)    |
+| Freezer        | freeze         | STARTED, EPOCH_STARTED             | (freezes, then unfreezes)     |
 | TensorBoard    | tensorboard    | STARTED, EPOCH_COMPLETED, the ends | tb/ event files               |
 | Console        | console        | all                                | bar (stderr), lines (stdout)  |
 
@@ -31,6 +32,7 @@ from cnnkit.training.handlers.console import Console
 from cnnkit.training.handlers.curves import CurvesPlot
 from cnnkit.training.handlers.early_stopping import EarlyStopping
 from cnnkit.training.handlers.files import RunFiles
+from cnnkit.training.handlers.freeze import Freezer
 from cnnkit.training.handlers.lines import closing_lines, epoch_line
 from cnnkit.training.handlers.log import LogFile
 from cnnkit.training.handlers.metrics import METRIC_COLUMNS, MetricsCSV
@@ -49,6 +51,7 @@ __all__ = [
     "CurvesPlot",
     "LogFile",
     "EarlyStopping",
+    "Freezer",
     "TensorBoard",
     "Console",
     "epoch_line",
@@ -72,5 +75,9 @@ def default_handlers(config: TrainConfig) -> list[Feature]:
         features.append(EarlyStopping(config.patience))
     if config.tensorboard:
         features.append(TensorBoard())
+    if config.freeze != "none":  # before the console: its lines come before the epoch's bar
+        from cnnkit.training.finetune import head_of
+
+        features.append(Freezer(config.model, head_of(config), config.freeze_epochs, config.quiet))
     features.append(Console(config.quiet))
     return features

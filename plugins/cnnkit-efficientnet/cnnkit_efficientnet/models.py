@@ -134,6 +134,7 @@ def _architecture(variant: str) -> Architecture[EfficientNetOptions]:
         recipe=_recipe(config),
         options=EfficientNetOptions,
         builder=partial(_efficientnet, variant),
+        head="classifier",  # torchvision's Dropout + Linear
     )
 
 

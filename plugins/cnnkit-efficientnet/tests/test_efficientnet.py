@@ -130,3 +130,21 @@ def test_any_channels_and_odd_input_sizes() -> None:
     with torch.no_grad():
         assert model(torch.randn(1, 1, 33, 47)).shape == (1, 5)
         assert EFFICIENTNET_B0.build(4, 3).eval()(torch.randn(1, 4, 16, 16)).shape == (1, 3)
+
+
+def test_its_head_is_the_classifier_and_torchvision_s_weights_load_as_they_are(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The spec says where its head is (so --freeze backbone and --head-lr-mult work), and since the
+    model is torchvision's own EfficientNet, a torchvision state dict loads key for key."""
+    from cnnkit.protocols import model_head
+
+    assert all(model_head(spec) == "classifier" for spec in SPECS.values())
+    torch.manual_seed(0)
+    reference = tv.efficientnet_b0(weights=None).eval()
+    file = tmp_path / "b0.pth"
+    torch.save(reference.state_dict(), file)
+    ours = cnnkit.build_model("efficientnet_b0", 3, 1000, weights=str(file)).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (ours(images) - reference(images)).abs().max().item() <= 1e-5
+    tuned = cnnkit.build_model("efficientnet_b0", 1, 5, weights=str(file))
+    assert tuned.classifier[1].out_features == 5 and tuned.features[0][0].in_channels == 1
