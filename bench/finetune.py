@@ -208,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", action="store_true", help="train nothing; rewrite the report from the record")
     parser.add_argument("--note", action="append", default=[], help="a line to add under the report's header")
     args = parser.parse_args(argv)
-    command = "python bench/finetune.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    words = list(argv if argv is not None else sys.argv[1:])
+    for i in [i for i, w in enumerate(words) if w == "--note"][::-1]:
+        del words[i : i + 2]  # the notes go under the header themselves
+    command = " ".join(["python bench/finetune.py", *words])
 
     if not args.table:
         import torch

@@ -133,6 +133,7 @@ def test_gray_weights_into_rgb_repeat_the_kernel_scaled_by_a_third(tmp_path: Pat
         assert torch.allclose(rgb(image.repeat(1, 3, 1, 1)), gray(image), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_another_architecture_s_file_names_the_first_mismatching_keys(tmp_path: Path, one_thread: None) -> None:
     file = tmp_path / "resnet50.pth"
     theirs = torchvision.models.resnet50(weights=None).state_dict()
