@@ -38,22 +38,12 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from coil20 import append_record, read_record  # noqa: E402  (the JSON-lines record, one owner)
+
 # part -> (model, side, batch of the COIL-20 runs)
 PARTS: dict[str, tuple[str, int, int]] = {"lenet_bn": ("lenet_bn", 28, 32), "resnet18": ("resnet18", 64, 32)}
 ARMS = ("finetune", "scratch", "init-default")
-
-
-def read_record(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def append_record(path: Path, row: dict[str, Any]) -> None:
-    from cnnkit.fs import atomic_write
-
-    text = "".join(json.dumps(r) + "\n" for r in [*read_record(path), row])
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _load() -> float:
