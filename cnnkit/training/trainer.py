@@ -85,7 +85,7 @@ class StandardTrainer:
         lr_at = run.lr_schedule(-(-batches // accum))  # the schedule counts optimisation steps
         weight = balanced_class_weights(data.train.labels, data.classes).to(device) \
             if config.class_weights == "balanced" else None  # fmt: skip
-        trained = [p for p in model.parameters() if p.requires_grad]
+        no_sync = getattr(net, "no_sync", None)  # DDP's (through torch.compile's wrapper too)
         scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype is torch.float16)
         # Without AMP no autocast context at all: entering a disabled one still costs ~7 us a step.
         autocast = (
@@ -111,7 +111,6 @@ class StandardTrainer:
                         param_group["lr"] = run.lr
                     optimizer.zero_grad(set_to_none=True)
                 # DDP: gradients of the batches before the group's last stay local (no all-reduce).
-                no_sync = getattr(net, "no_sync", None)
                 sync = contextlib.nullcontext() if stepping or not callable(no_sync) else no_sync()
                 with sync:
                     # Forward and loss (in bf16/fp16 under AMP; the loss itself in float32).
@@ -126,7 +125,8 @@ class StandardTrainer:
                 if stepping:  # the step (the scaler is a pass-through unless fp16)
                     if config.clip_grad:
                         scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(trained, config.clip_grad)
+                        # Parameters without a gradient (frozen ones) are skipped by clip_grad_norm_.
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
                     scaler.step(optimizer)
                     scaler.update()
                     if self.average is not None:
