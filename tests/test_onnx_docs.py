@@ -38,9 +38,6 @@ def test_readme_int8_table_is_the_benchmarks() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     results = (ROOT / "bench" / "results" / "onnx.txt").read_text(encoding="utf-8")
     rows = [line for line in readme.splitlines() if re.match(r"^\| `\w+` \| \d+ px \| (float32|int8) \|", line)]
-    if not rows and "efficientnet_b0 runs): not measured yet." in readme:
-        # Until bench/onnx_latency.py --int8 has run on the three trained runs, the README says so.
-        pytest.skip("the README says the int8 rows are not measured yet")
     models = {row.split("`")[1] for row in rows}
     assert {"lenet_bn", "resnet18", "efficientnet_b0"} <= models
     assert len(rows) == 2 * len(models)  # a float32 and an int8 row per model
