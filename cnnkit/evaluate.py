@@ -20,7 +20,7 @@ from torch import nn
 
 from cnnkit.checkpoint import WeightsMeta, load_weights, resolve_weights
 from cnnkit.errors import DataError, UsageError, WeightsError
-from cnnkit.prediction import Prediction, Predictor, decode_images, predict_all, prepare_batch
+from cnnkit.prediction import Prediction, Predictor, decode_images, predict_all, prepare_batch, training_resize
 from cnnkit.reports import ExampleScores, plot_confusion, write_confusion_csv
 from cnnkit.rundir import RunDir
 
@@ -261,6 +261,67 @@ def _load_for(file: Path, meta: WeightsMeta, name: str, data: Path | None, optio
     return datasets.load_recorded(name, data, recorded, meta.classes, input_size=meta.input_size, **options)
 
 
+def recorded_splits(
+    file: Path,
+    meta: WeightsMeta,
+    dataset: str | None = None,
+    data: str | Path | None = None,
+    dataset_options: Mapping[str, Any] | None = None,
+    *,
+    subject: str | None = None,
+) -> DatasetSplits:
+    """The dataset ``meta`` was trained on (or ``dataset``), loaded as its run loaded it: what
+    :func:`evaluate_weights` evaluates, and ``cnnkit eval FILE.onnx`` and ``--quantize`` too.
+
+    The recorded options (``dataset_options`` override single ones); ``data``, else the recorded
+    folder while it exists, else the dataset's own search; the run's split files when ``file`` lies
+    in its run directory; the validation share carved from train again. A dataset of other
+    channels or classes is exit 4. ``subject``: how messages name ``file`` (default
+    ``weights FILE``; an ONNX file is named alone).
+    """
+    from cnnkit._console import warn
+    from cnnkit.registry import DATASETS
+
+    plural = subject is None
+    named = f"weights {file}" if subject is None else subject
+    name = dataset or meta.dataset
+    if name is None:
+        raise UsageError(
+            f"{named} {'do' if plural else 'does'} not record the dataset {'they were' if plural else 'it was'} "
+            f"trained on; pass --dataset (registered: {', '.join(DATASETS.names())})"
+        )
+    if name == meta.dataset and name not in DATASETS.names() and meta.dataset_distribution not in (None, "cnnkit"):
+        version = meta.dataset_distribution_version
+        raise UsageError(
+            f"{named} {'were' if plural else 'was'} trained on dataset '{name}' of {meta.dataset_distribution}"
+            f"{' ' + version if version else ''}, which is not installed here; install it (pip install "
+            f"'{meta.dataset_distribution}{'==' + version if version else ''}'), or pass --dataset"
+        )
+    # The recorded options only describe the recorded dataset; another one starts from defaults.
+    options = dict(meta.dataset_options) if name == meta.dataset else {}
+    options.update(dataset_options or {})
+    recorded = recorded_data_folder(file, meta) if name == meta.dataset else None
+    if data is None and recorded is not None and recorded.exists():
+        data = recorded  # where it was trained from: a run directory alone is enough to evaluate it
+    try:
+        splits = _load_for(file, meta, name, Path(data) if data is not None else None, options)
+    except DataError as exc:
+        if data is not None or recorded is None:
+            raise
+        raise DataError(f"{exc.message} (the weights were trained on {recorded}, which no longer exists)") from exc
+    validation = meta.validation if name == meta.dataset else None
+    if validation is not None and validation.get("from") == "train" and splits.val is None:
+        from cnnkit.data.validation import carve_validation
+
+        # The run held these out of train: val is them again, and train is what it trained on.
+        splits, _ = carve_validation(splits, float(validation["fraction"]), int(validation["seed"]))
+    check_fit(file, meta, splits)
+    if list(splits.classes) != list(meta.classes):
+        whose = "the weights' names" if plural else "the file's names"
+        warn(f"{splits.name} names its classes differently from {named}; reporting {whose}")
+    return splits
+
+
 def evaluate_weights(
     weights: str | Path,
     dataset: str | None = None,
@@ -280,7 +341,6 @@ def evaluate_weights(
     training input size and normalised exactly as in training.
     """
     from cnnkit.device import resolve_device
-    from cnnkit.registry import DATASETS
 
     if split not in {"train", "val", "test"}:
         raise UsageError(f"--split '{split}' is not a split; use test, val or train")
@@ -290,44 +350,7 @@ def evaluate_weights(
     file = resolve_weights(weights)
     model, meta = load_weights(file, target)
 
-    name = dataset or meta.dataset
-    if name is None:
-        raise UsageError(
-            f"weights {file} do not record the dataset they were trained on; pass --dataset "
-            f"(registered: {', '.join(DATASETS.names())})"
-        )
-    if name == meta.dataset and name not in DATASETS.names() and meta.dataset_distribution not in (None, "cnnkit"):
-        version = meta.dataset_distribution_version
-        raise UsageError(
-            f"weights {file} were trained on dataset '{name}' of {meta.dataset_distribution}"
-            f"{' ' + version if version else ''}, which is not installed here; install it (pip install "
-            f"'{meta.dataset_distribution}{'==' + version if version else ''}'), or pass --dataset"
-        )
-    # The recorded options only describe the recorded dataset; another one starts from defaults.
-    options = dict(meta.dataset_options) if name == meta.dataset else {}
-    options.update(dataset_options or {})
-    recorded = recorded_data_folder(file, meta) if name == meta.dataset else None
-    if data is None and recorded is not None and recorded.exists():
-        data = recorded  # where it was trained from: a run directory alone is enough to evaluate it
-    try:
-        splits = _load_for(file, meta, name, Path(data) if data is not None else None, options)
-    except DataError as exc:
-        if data is not None or recorded is None:
-            raise
-        raise DataError(
-            f"{exc.message} (the weights were trained on {recorded}, which no longer exists)"
-        ) from exc
-    validation = meta.validation if name == meta.dataset else None
-    if validation is not None and validation.get("from") == "train" and splits.val is None:
-        from cnnkit.data.validation import carve_validation
-
-        # The run held these out of train: val is them again, and train is what it trained on.
-        splits, _ = carve_validation(splits, float(validation["fraction"]), int(validation["seed"]))
-    check_fit(file, meta, splits)
-    if list(splits.classes) != list(meta.classes):
-        from cnnkit._console import warn
-
-        warn(f"{splits.name} names its classes differently from weights {file}; reporting the weights' names")
+    splits = recorded_splits(file, meta, dataset, data, dataset_options)
 
     from cnnkit.data.batches import BatchLoader
 
@@ -391,6 +414,7 @@ def load_predictor(weights: str | Path, device: str | torch.device = "auto") -> 
     return Predictor(
         source=resolve_weights(weights), classes=list(meta.classes), channels=meta.in_channels,
         size=meta.input_size, mean=meta.mean, std=meta.std, logits=logits,
+        resize=training_resize(meta.dataset, meta.dataset_options),
     )  # fmt: skip
 
 

@@ -139,13 +139,15 @@ def _upright(image: PILImage.Image, channels: int) -> PILImage.Image:
     """An opened image -> a PIL image in mode L (``channels`` 1) or RGB: EXIF-upright, 8-bit."""
     from PIL import Image, ImageOps
 
-    upright = ImageOps.exif_transpose(image)
+    upright = ImageOps.exif_transpose(image)  # a new image (a copy when there is nothing to turn)
     if upright.mode.startswith("I;16") or upright.mode == "I":
         wide = np.asarray(upright, dtype=np.int64).clip(0, 65535)
         upright = Image.fromarray(((wide + 128) // 257).astype(np.uint8), mode="L")
     elif upright.mode == "P" and "transparency" in upright.info:
         upright = upright.convert("RGBA")
-    return upright.convert("L" if channels == 1 else "RGB")
+    mode = "L" if channels == 1 else "RGB"
+    # convert() to the mode an image has copies it: a second copy of every image in a store build
+    return upright if upright.mode == mode and upright is not image else upright.convert(mode)
 
 
 def _planes(image: PILImage.Image) -> np.ndarray:

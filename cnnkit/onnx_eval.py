@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cnnkit.errors import DataError, UsageError, WeightsError
+from cnnkit.errors import UsageError, WeightsError
 from cnnkit.onnx_runtime import OnnxModel, first_line, load_onnx, split_logits
 
 if TYPE_CHECKING:
@@ -60,50 +60,11 @@ def recorded_splits(
     data: str | Path | None = None,
     dataset_options: Mapping[str, Any] | None = None,
 ) -> DatasetSplits:
-    """The dataset ``meta`` was trained on (or ``dataset``), loaded as its run loaded it.
+    """The dataset ``meta`` was trained on (or ``dataset``), loaded as its run loaded it: the same
+    choices as :func:`cnnkit.evaluate.evaluate_weights` (:func:`cnnkit.evaluate.recorded_splits`)."""
+    from cnnkit.evaluate import recorded_splits as load
 
-    The same choices as :func:`cnnkit.evaluate.evaluate_weights`: the recorded options (``dataset_options``
-    override single ones), ``data`` else the recorded folder while it exists else the dataset's
-    own search, the run's split files when ``file`` lies in its run directory, and the validation
-    share carved from train again. A dataset of other channels or classes is exit 4.
-    """
-    from cnnkit._console import warn
-    from cnnkit.evaluate import _load_for, check_fit, recorded_data_folder
-    from cnnkit.registry import DATASETS
-
-    name = dataset or meta.dataset
-    if name is None:
-        raise UsageError(
-            f"{file} does not record the dataset it was trained on; pass --dataset "
-            f"(registered: {', '.join(DATASETS.names())})"
-        )
-    if name == meta.dataset and name not in DATASETS.names() and meta.dataset_distribution not in (None, "cnnkit"):
-        version = meta.dataset_distribution_version
-        raise UsageError(
-            f"{file} was trained on dataset '{name}' of {meta.dataset_distribution}"
-            f"{' ' + version if version else ''}, which is not installed here; install it (pip install "
-            f"'{meta.dataset_distribution}{'==' + version if version else ''}'), or pass --dataset"
-        )
-    options = dict(meta.dataset_options) if name == meta.dataset else {}
-    options.update(dataset_options or {})
-    recorded = recorded_data_folder(file, meta) if name == meta.dataset else None
-    if data is None and recorded is not None and recorded.exists():
-        data = recorded
-    try:
-        splits = _load_for(file, meta, name, Path(data) if data is not None else None, options)
-    except DataError as exc:
-        if data is not None or recorded is None:
-            raise
-        raise DataError(f"{exc.message} (the weights were trained on {recorded}, which no longer exists)") from exc
-    validation = meta.validation if name == meta.dataset else None
-    if validation is not None and validation.get("from") == "train" and splits.val is None:
-        from cnnkit.data.validation import carve_validation
-
-        splits, _ = carve_validation(splits, float(validation["fraction"]), int(validation["seed"]))
-    check_fit(file, meta, splits)
-    if list(splits.classes) != list(meta.classes):
-        warn(f"{splits.name} names its classes differently from {file}; reporting the file's names")
-    return splits
+    return load(file, meta, dataset, data, dataset_options, subject=str(file))
 
 
 def scores(logits: np.ndarray, labels: torch.Tensor, num_classes: int) -> EvalResult:

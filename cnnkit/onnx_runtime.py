@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from cnnkit.errors import UsageError, WeightsError
-from cnnkit.prediction import Prediction, Predictor, predict_all, prepare_batch
+from cnnkit.prediction import Prediction, Predictor, predict_all, prepare_batch, training_resize
 
 __all__ = [
     "INPUT_NAME",
@@ -108,6 +108,17 @@ class OnnxInfo:
     """How an int8 graph was quantised (JSON, see :data:`QUANTIZATION_KEY`); None for a float graph."""
 
     @property
+    def resize(self) -> str | None:
+        """How image files become square for this graph, as its training images did
+        (:func:`cnnkit.prediction.training_resize` of the metadata's dataset and options)."""
+        try:
+            meta = json.loads(self.meta_json)
+        except ValueError:
+            return None
+        options = meta.get("dataset_options") if isinstance(meta, dict) else None
+        return training_resize(meta.get("dataset"), options if isinstance(options, dict) else {})
+
+    @property
     def num_classes(self) -> int:
         return len(self.classes)
 
@@ -176,7 +187,7 @@ class OnnxModel:
         info = self.info
         return Predictor(
             source=self.path, classes=info.classes, channels=info.in_channels, size=info.input_size,
-            mean=info.mean, std=info.std, logits=self.logits,
+            mean=info.mean, std=info.std, logits=self.logits, resize=info.resize,
         )  # fmt: skip
 
     def predict(self, images: Sequence[str | Path], top: int = 5) -> list[Prediction]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ __all__ = [
     "decode_images",
     "prepare_batch",
     "rank",
+    "training_resize",
 ]
 
 BATCH_SIZE = 64
@@ -79,6 +80,19 @@ class Predictor:
     std: list[float] | None
     logits: Callable[[np.ndarray], np.ndarray]
     """A prepared float32 (N, C, size, size) batch -> (N, K) logits as a numpy array."""
+    resize: str | None = None
+    """How an image file becomes square, as the model's training images did (``crop``, ``squash``,
+    ``pad``: :func:`cnnkit.image_files.read_image_square`); None: resized whole to the square."""
+
+
+def training_resize(dataset: str | None, dataset_options: Mapping[str, Any]) -> str | None:
+    """How the training images of ``dataset`` became square (:attr:`Predictor.resize`): its
+    ``resize`` option; for an image folder without one, its default ``crop``; else None (the
+    bundled datasets' images are square already)."""
+    chosen = dataset_options.get("resize")
+    if isinstance(chosen, str):
+        return chosen
+    return "crop" if dataset == "image-folder" else None
 
 
 # -- which files ------------------------------------------------------------------------------------
@@ -134,10 +148,12 @@ def gather_images(arguments: Sequence[str | Path]) -> tuple[list[Path], list[Pat
 # -- decoding ---------------------------------------------------------------------------------------
 
 
-def _read_one(path: Path, channels: int) -> np.ndarray | Unreadable:
-    from cnnkit.image_files import read_image
+def _read_one(path: Path, channels: int, square: tuple[int, str] | None = None) -> np.ndarray | Unreadable:
+    from cnnkit.image_files import read_image, read_image_square
 
     try:
+        if square is not None:  # (size, resize): as the training images were decoded into the store
+            return read_image_square(path, channels, square[0], square[1])  # type: ignore[arg-type]
         return read_image(path, channels)
     except DataError as exc:
         cause = exc.__cause__
@@ -194,8 +210,9 @@ def predict_batches(
         results: list[Prediction | Unreadable | None] = [None] * len(chunk)
         readable: list[int] = []
         decoded: list[np.ndarray] = []
+        square = (predictor.size, predictor.resize) if predictor.resize else None
         for index, path in enumerate(chunk):
-            image = _read_one(path, predictor.channels)
+            image = _read_one(path, predictor.channels, square)
             if isinstance(image, Unreadable):
                 results[index] = image
             else:

@@ -285,7 +285,8 @@ def gpu_settings(data: Path) -> Settings:
         peers_args=["--device", "cuda", "--models", "lenet_bn,resnet18", "--repeats", "2", "--epochs", "3",
                     "--examples", "lenet_bn=20000", "--examples", "resnet18=20000", "--timeout", "60"],
         peers_limit=150, store_limit=90,
-        store_args=["--images", "20000", "--photos", "10", "--compare", "2000", "--read-seconds", "20"],
+        store_args=["--images", "20000", "--photos", "10", "--compare", "2000", "--read-seconds", "20",
+                    "--fashion-sizes", "28", "--repeats", "1", "--train-steps", "50", "--nproc-images", "0"],
     )  # fmt: skip
 
 
@@ -301,7 +302,8 @@ def dry_settings(data: Path) -> Settings:
         variant_limit=60, variant_examples=None,
         peers_args=["--device", "cpu", "--models", "lenet_bn", "--repeats", "1", "--epochs", "2", "--timeout", "60"],
         peers_limit=120, store_limit=90,
-        store_args=["--images", "300", "--photos", "2", "--compare", "100", "--read-seconds", "5"],
+        store_args=["--images", "300", "--photos", "2", "--compare", "100", "--read-seconds", "5",
+                    "--fashion-sizes", "--nproc-images", "0"],
     )  # fmt: skip
 
 

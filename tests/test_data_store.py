@@ -211,6 +211,44 @@ def test_large_sets_are_memory_mapped_from_the_entry(tmp_path: Path, monkeypatch
     assert mapping_of(load(files).images) is None  # small: an ordinary in-memory tensor
 
 
+def test_a_store_larger_than_memory_and_swap_can_be_mapped(tmp_path: Path) -> None:
+    """A writable private mapping is charged in full against the commit limit unless made with
+    MAP_NORESERVE: np.memmap(mode="c") of 30 GB on a 24 GB machine was "Cannot allocate memory"
+    (the heuristic refuses one mapping larger than memory plus swap). A sparse file larger than
+    that costs no disk and no reading."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            sizes = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo}
+        limit = sizes["MemTotal"] + sizes["SwapTotal"]
+        heuristic = Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "0"
+    except (OSError, KeyError):
+        pytest.skip("no /proc/meminfo (not Linux)")
+    if not heuristic:
+        pytest.skip("the commit limit is only heuristic under vm.overcommit_memory=0")
+    side = 224
+    count = limit // (3 * side * side) + 10_000
+    path = tmp_path / "huge.u8"
+    with open(path, "wb") as file:
+        file.truncate(count * 3 * side * side)  # sparse
+    with pytest.raises(OSError):  # what the store did before
+        np.memmap(path, dtype=np.uint8, mode="c", shape=(count, 3, side, side))
+    array = store.map_array(path, (count, 3, side, side))
+    tensor = torch.from_numpy(array)
+    assert tensor.shape == (count, 3, side, side) and int(tensor[count - 1].sum()) == 0
+    tensor[0, 0, 0, 0] = 7  # private: the write stays in this process
+    with open(path, "rb") as file:
+        assert file.read(1) == b"\0"
+
+
+def test_mapped_tensors_are_private_copies_on_write(tmp_path: Path) -> None:
+    path = tmp_path / "small.u8"
+    np.arange(24, dtype=np.uint8).tofile(path)
+    tensor = torch.from_numpy(store.map_array(path, (2, 3, 2, 2)))
+    assert tensor.flatten().tolist() == list(range(24)) and mapping_of(tensor) == str(path)
+    tensor.add_(1)
+    assert tensor[0, 0, 0, 0] == 1 and np.fromfile(path, dtype=np.uint8)[0] == 0
+
+
 def test_the_pool_decodes_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     files = images(tmp_path / "imgs", 20, suffix=".jpg")
     expected = torch.stack([torch.from_numpy(read_image_square(f, 3, 16, "squash")) for f in files])
@@ -286,6 +324,53 @@ def test_disk_full_falls_back_to_memory_with_one_warning(
     monkeypatch.setattr(store_build, "_write_chunk", original)
     monkeypatch.setattr(store.shutil, "disk_usage", lambda _: _Usage(0))
     assert load(files, size=12).path is None
+
+
+def test_pool_workers_write_their_chunks_and_a_failed_write_falls_back_to_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Pool workers write pixels into the array file themselves; when they cannot, the build keeps
+    what they decoded in memory (one warning) and the images are still exactly right."""
+    files = images(tmp_path / "imgs", 20, suffix=".jpg")
+    expected = torch.stack([torch.from_numpy(read_image_square(f, 3, 16, "crop")) for f in files])
+    monkeypatch.setattr(store, "POOL_MIN_FILES", 0)
+    monkeypatch.setattr(store, "CHUNK_BYTES", 3 * 16 * 16 * 3)
+    monkeypatch.setattr(store_build, "_workers", lambda: 2)
+    monkeypatch.setattr(store, "IN_MEMORY_MAX", 0)  # mapped, so the entry's file itself is compared
+    assert torch.equal(load(files).images, expected)  # written by the workers, read from the entry
+
+    monkeypatch.setenv("CNNKIT_CACHE", str(tmp_path / "other-cache"))
+    original = store_build.Build._reserve
+
+    def unwritable(self: store_build.Build) -> None:
+        original(self)
+        array = self.tmp / store_build.ARRAY_FILE  # type: ignore[operator]
+        array.unlink()
+        array.mkdir()  # every worker's open() of it now fails (EISDIR), as on a broken disk
+
+    monkeypatch.setattr(store_build.Build, "_reserve", unwritable)
+    capsys.readouterr()
+    result = load(files)
+    assert result.path is None and torch.equal(result.images, expected)
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "Is a directory" in err and "other-cache" in err
+    assert entries() == []
+
+
+def test_a_chunk_written_into_a_file_given_up_is_decoded_again(tmp_path: Path) -> None:
+    """A worker may finish writing its chunk into the array file after the build fell back to memory
+    (the chunk was in flight): its pixels are decoded again rather than lost."""
+    files = images(tmp_path / "imgs", 4)
+    build = store_build.Build(
+        files, tmp_path / "entry", (4, 3, 16, 16), "crop", "test", 4, False, chunk_bytes=1 << 20,
+        pool_min_files=0, available_memory=lambda: 1 << 30,
+    )  # fmt: skip
+    build.memory = np.zeros((4, 3, 16, 16), dtype=np.uint8)
+    build.done = 2
+    chunk = decode_pool.decode_chunk(files[2:], 3, 16, "crop")
+    build._take(files[2:], decode_pool.Chunk(None, chunk.sums))
+    assert np.array_equal(build.memory[2:], chunk.pixels)
+    assert not build.memory[:2].any()
 
 
 class _Usage:

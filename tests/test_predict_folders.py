@@ -414,3 +414,55 @@ def test_onnx_predicts_folders_the_same_without_torch(tmp_path: Path, runner: An
     for a, b in zip(onnx_rows[1:], torch_rows[1:], strict=True):
         assert a[0] == b[0] and a[1::2] == b[1::2]  # file, class names, error
         assert [float(x) for x in a[2:7:2] if x] == pytest.approx([float(x) for x in b[2:7:2] if x], abs=1e-4)
+
+
+# -- images as the model's training images were made square ---------------------------------------------------
+
+
+def test_a_wide_photo_is_cropped_as_the_image_folder_store_cropped_it(tmp_path: Path, runner: Any) -> None:
+    """An image-folder model saw the centre square of each photo (``-d resize=crop``, the default):
+    ``predict`` feeds it the same, not the whole photo squashed; ``-d resize=squash`` runs squash."""
+    model, meta = make_run(tmp_path / "run")
+    wide = tmp_path / "wide.png"
+    pixels = np.random.default_rng(7).integers(0, 256, (28, 56), dtype=np.uint8)
+    Image.fromarray(pixels).save(wide)
+    centre = tmp_path / "centre.png"
+    Image.fromarray(pixels[:, 14:42]).save(centre)
+    squashed = tmp_path / "squashed.png"
+    Image.fromarray(pixels).resize((28, 28), Image.Resampling.BILINEAR).save(squashed)
+
+    _, got = predict_json(runner, tmp_path / "run", str(wide))
+    assert_matches_model([{**got[0], "image": str(centre)}], model, [centre])  # the centre crop, exactly
+
+    squash_meta = meta.model_copy(update={"dataset_options": {"resize": "squash"}})
+    save_weights(tmp_path / "squash" / "best.safetensors", model, squash_meta)
+    _, got = predict_json(runner, tmp_path / "squash", str(wide))
+    assert_matches_model([{**got[0], "image": str(squashed)}], model, [squashed])
+
+    # the bundled datasets' images were square: a photo is resized whole, as before
+    save_weights(tmp_path / "fmnist" / "best.safetensors", model, meta.model_copy(update={"dataset": "fashion-mnist"}))
+    _, got = predict_json(runner, tmp_path / "fmnist", str(wide))
+    plane = Image.fromarray(pixels.astype(np.float32) / np.float32(255)).resize((28, 28), Image.Resampling.BILINEAR)
+    with torch.no_grad():
+        expected = model((torch.from_numpy(np.array(plane))[None, None] - 0.3) / 0.35).softmax(1)[0]
+    assert got[0]["top"][0]["class"] == CLASSES[int(expected.argmax())]
+    assert got[0]["top"][0]["probability"] == pytest.approx(float(expected.max()), abs=1e-5)
+
+
+def test_an_onnx_graph_crops_as_its_weights_did(tmp_path: Path) -> None:
+    """The exported graph's metadata carries the dataset and its options: ONNX Runtime's predictor
+    makes photos square the same way as the weights' own."""
+    from cnnkit.onnx_runtime import OnnxInfo
+
+    _, meta = make_run(tmp_path / "run")
+    for options, expected in (({}, "crop"), ({"resize": "pad"}, "pad")):
+        info = OnnxInfo(
+            model="lenet_bn", classes=CLASSES, in_channels=1, input_size=28, mean=[0.3], std=[0.35],
+            cnnkit_version="0", meta_json=meta.model_copy(update={"dataset_options": options}).model_dump_json(),
+        )  # fmt: skip
+        assert info.resize == expected
+    info = OnnxInfo(
+        model="lenet_bn", classes=CLASSES, in_channels=1, input_size=28, mean=None, std=None, cnnkit_version="0",
+        meta_json=meta.model_copy(update={"dataset": "fashion-mnist"}).model_dump_json(),
+    )  # fmt: skip
+    assert info.resize is None

@@ -13,15 +13,18 @@ files *in order* (path, size, mtime: the order is the images' order, unlike
 :func:`cnnkit.data.cache.source_key`), the size, the channels, the resize mode and a format version;
 editing, adding, removing or reordering a file makes a new entry.
 
-Why raw + ``numpy.memmap`` (and not safetensors, which the whole-split cache of
-:mod:`cnnkit.data.cache` uses): the array is opened with ``np.memmap(..., mode="c")`` and wrapped
-by ``torch.from_numpy`` -- zero-copy, so the tensor *is* the mapped file. A batch is an
+Why a raw array memory-mapped (and not safetensors, which the whole-split cache of
+:mod:`cnnkit.data.cache` uses): the array file is mapped (:func:`map_array`) and wrapped by
+``torch.from_numpy`` -- zero-copy, so the tensor *is* the mapped file. A batch is an
 ``index_select`` straight from the page cache, with no per-batch copy through a reader library and
 no decoded copy in anonymous memory; the kernel keeps the hot pages and drops the rest under
 pressure, so 20,000 images at 224 px (3 GB) or 200,000 (30 GB) train in bounded memory.
-Copy-on-write (``mode="c"``) makes the array writable as torch expects (no non-writable warning)
-while every page stays file-backed until someone writes to it, and nothing written ever reaches
-the file. A safetensors file can be memory-mapped too, but its slices come back as copies.
+The mapping is private and writable (copy-on-write, as ``np.memmap(mode="c")``), so the tensor is
+writable as torch expects, every page stays file-backed until someone writes to it, and nothing
+written ever reaches the file; it is made with ``MAP_NORESERVE``, because a writable private
+mapping is otherwise charged in full against the system's commit limit, and a store larger than
+memory plus swap (200,000 images at 224 px: 30 GB on a 24 GB machine) could not be opened at all
+("Cannot allocate memory"). Where even that is refused (strict overcommit), it is mapped read-only. A safetensors file can be memory-mapped too, but its slices come back as copies.
 
 How it is built (:mod:`cnnkit.data.store_build`): a process pool over all cores
 (:mod:`cnnkit._decode_pool`, torch-free workers) decodes chunks of files; the parent writes each chunk, in order, to the end of the array file with
@@ -44,8 +47,11 @@ import contextlib
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
+import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,8 +220,25 @@ def _open_entry(entry: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, dict[s
         return None
     with contextlib.suppress(OSError):  # last used; a read-only cache still reads
         os.utime(entry / META_FILE)
-    array = np.memmap(array_path, dtype=np.uint8, mode="c", shape=shape)
-    return array, meta
+    return map_array(array_path, shape), meta
+
+
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
+"""Linux's flag (Python has the constant from 3.13): the mapping reserves no swap/commit charge."""
+
+
+def map_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """The uint8 array file at ``path`` memory-mapped as ``shape``: private and writable
+    (copy-on-write) without a commit charge, else read-only (see the module docstring)."""
+    size = math.prod(shape)
+    with open(path, "rb") as file:
+        try:
+            mapped = mmap.mmap(
+                file.fileno(), size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        except (OSError, AttributeError, TypeError):  # refused (strict overcommit), or no such flags here
+            mapped = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ)
+    return np.frombuffer(mapped, dtype=np.uint8, count=size).reshape(shape)
 
 
 def _result(entry: Path, array: np.ndarray, meta: dict[str, Any], stats_count: int) -> StoredImages:
@@ -231,8 +254,17 @@ def _result(entry: Path, array: np.ndarray, meta: dict[str, Any], stats_count: i
     if array.nbytes <= min(IN_MEMORY_MAX, available_memory() // 4):
         images = torch.from_numpy(np.fromfile(entry / ARRAY_FILE, dtype=np.uint8).reshape(array.shape))
     else:
-        return StoredImages(torch.from_numpy(array), tuple(mean), tuple(std), entry, mapped=True)
+        return StoredImages(_as_tensor(array), tuple(mean), tuple(std), entry, mapped=True)
     return StoredImages(images, tuple(mean), tuple(std), entry)
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy``, without its warning for a read-only mapping (nothing here writes to a split)."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def _array_sums(array: np.ndarray) -> np.ndarray:
@@ -252,10 +284,6 @@ def _array_sums(array: np.ndarray) -> np.ndarray:
 
 def available_memory() -> int:
     """Bytes the system can give without swapping (``MemAvailable``: free plus reclaimable cache)."""
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo", encoding="ascii") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    from cnnkit.data.batches import available_memory as free_pages
+    from cnnkit.data.batches import reclaimable_memory
 
-    return free_pages()
+    return reclaimable_memory()

@@ -1,13 +1,14 @@
 """Building one entry of the decoded-image store: decode the files, write the array, commit it.
 
 This module's one job is :class:`Build`: the process pool over all cores (:mod:`cnnkit._decode_pool`,
-torch-free workers) that decodes chunks of files, the in-order ``write`` of each chunk to the end of
-the array file in a hidden temp folder, the exact integer sums of the first ``stats_count`` images,
-the fsync and ``os.replace`` into place, the fall back to memory when the cache cannot take the array,
-and the progress bar. The entry's layout (:data:`FORMAT`, :data:`ARRAY_FILE`, :data:`META_FILE`) is
-defined here because the build writes it; :mod:`cnnkit.data.store` (the public face: keys, opening an
-entry, its statistics) re-exports it and calls :class:`Build` with its tunables, so this module never
-imports that one.
+torch-free workers) whose workers decode chunks of files and write each into its place in the array
+file (``pwrite`` at the chunk's offset: pixels never travel through a pipe), the exact integer sums
+of the first ``stats_count`` images, the fsync and ``os.replace`` into place, the fall back to
+memory when the cache cannot take the array, and the progress bar. Sets too small for a pool are
+decoded here and appended in order. The entry's layout (:data:`FORMAT`, :data:`ARRAY_FILE`,
+:data:`META_FILE`) is defined here because the build writes it; :mod:`cnnkit.data.store` (the public
+face: keys, opening an entry, its statistics) re-exports it and calls :class:`Build` with its
+tunables, so this module never imports that one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from cnnkit._decode_pool import Chunk
 from cnnkit.errors import CnnkitError
 from cnnkit.fs import fsync_dir
 from cnnkit.image_files import ResizeMode
@@ -155,12 +157,12 @@ class Build:
             self._open_file()
             chunks = self._chunks()
             with _Progress(self.dataset, self.shape, enabled=self.progress) as bar, contextlib.closing(chunks):
-                for pixels, per_image in chunks:
+                for paths, chunk in chunks:
                     if self.done < self.stats_count:
-                        sums += per_image[: self.stats_count - self.done].sum(0)
-                    self._store(pixels)
-                    self.done += len(pixels)
-                    bar.advance(len(pixels))
+                        sums += chunk.sums[: self.stats_count - self.done].sum(0)
+                    self._take(paths, chunk)
+                    self.done += len(paths)
+                    bar.advance(len(paths))
             mean, std = mean_std(sums, self.stats_count * self.shape[2] * self.shape[3])
             if self.memory is not None:
                 return Decoded(self.memory, mean, std)
@@ -182,6 +184,18 @@ class Build:
             self.handle = open(self.tmp / ARRAY_FILE, "wb", buffering=0)  # noqa: SIM115 - closed in _commit/_discard
         except OSError as exc:
             self._fall_back(exc)
+
+    def _take(self, paths: Sequence[Path], chunk: Chunk) -> None:
+        """Keep a decoded chunk (the next one in order): in the file, or in memory after a fall back."""
+        if chunk.write_error is not None and self.memory is None:  # a worker could not write its part
+            self._fall_back(chunk.write_error)
+        pixels = chunk.pixels
+        if pixels is None and self.memory is None:  # a worker wrote it into the file
+            return
+        if pixels is None:  # written into the file given up meanwhile (it was in flight): decoded again
+            pixels = _decode(paths, self.shape[1], self.shape[2], self.resize).pixels
+        assert pixels is not None
+        self._store(pixels)
 
     def _store(self, pixels: np.ndarray) -> None:
         if self.memory is None:
@@ -266,10 +280,9 @@ class Build:
 
     # -- decoding
 
-    def _chunks(self) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
-        """(pixels, per-image sums) of consecutive chunks of files, in order."""
-        from cnnkit._decode_pool import decode_chunk
-
+    def _chunks(self) -> Generator[tuple[Sequence[Path], Chunk], None, None]:
+        """(files, their Chunk) of consecutive chunks of files, in order. Pool workers write their
+        pixels into the array file themselves (at the chunk's offset) while the file is in use."""
         n = len(self.paths)
         workers = _workers()
         step = max(1, min(256, self.chunk_bytes // self.per_image, -(-n // (4 * workers))))
@@ -277,17 +290,19 @@ class Build:
         args = (self.shape[1], self.shape[2], self.resize)
         if n < self.pool_min_files or workers == 1:
             for start in starts:
-                yield decode_chunk(self.paths[start : start + step], *args)
+                paths = self.paths[start : start + step]
+                yield paths, _decode(paths, *args)
             return
         from concurrent.futures import Future, ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
 
-        from cnnkit._decode_pool import ignore_interrupts
+        from cnnkit._decode_pool import decode_chunk, ignore_interrupts
 
+        self._reserve()
         pool = ProcessPoolExecutor(
             max_workers=min(workers, len(starts)), mp_context=_pool_context(), initializer=ignore_interrupts
         )
-        pending: deque[Future[tuple[np.ndarray, np.ndarray]]] = deque()
+        pending: deque[tuple[Sequence[Path], Future[Chunk]]] = deque()
         queued = iter(starts)
         try:
             while True:
@@ -295,21 +310,46 @@ class Build:
                     first = next(queued, None)
                     if first is None:
                         break
+                    files = self.paths[first : first + step]
+                    target = None
+                    if self.memory is None and self.tmp is not None:
+                        target = (str(self.tmp / ARRAY_FILE), first * self.per_image)
                     with _workers_skip_main():
-                        pending.append(pool.submit(decode_chunk, self.paths[first : first + step], *args))
+                        pending.append((files, pool.submit(decode_chunk, files, *args, target)))
                 if not pending:
                     return
+                ready, future = pending.popleft()
                 try:
-                    yield pending.popleft().result()
+                    chunk = future.result()
                 except BrokenProcessPool as exc:
                     raise CnnkitError(
                         f"a worker decoding {self.dataset} died (out of memory, or killed); "
                         "free some memory and run again"
                     ) from exc
+                yield ready, chunk
         finally:
-            for future in pending:
+            for _, future in pending:
                 future.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _reserve(self) -> None:
+        """Allocate the array file's blocks before workers write into it (out of order), where the
+        file system can: a disk too small shows before any decoding."""
+        fallocate = getattr(os, "posix_fallocate", None)  # none on macOS: the workers' writes allocate
+        if self.handle is None or fallocate is None:
+            return
+        try:
+            fallocate(self.handle.fileno(), 0, self.nbytes)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                self._fall_back(exc)
+
+
+def _decode(paths: Sequence[Path], channels: int, size: int, resize: ResizeMode) -> Chunk:
+    """A chunk decoded in this process (small sets; a chunk written into a file given up)."""
+    from cnnkit._decode_pool import decode_chunk
+
+    return decode_chunk(paths, channels, size, resize)
 
 
 # ---------------------------------------------------------------------------------------- progress
