@@ -401,6 +401,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=150, help="case 4's training steps per arm")
     parser.add_argument("--nproc-images", type=int, default=20_000, help="case 5's folder (0: skip)")
     parser.add_argument("--train-seconds", type=float, default=60.0, help="case 5's training time per run")
+    parser.add_argument("--cases", default="1,2,3,4,5", help="which cases to run (comma-separated numbers)")
     parser.add_argument("--keep-images", type=Path, default=None, metavar="DIR",
                         help="keep the generated JPEGs under DIR and reuse them next time (never the stores)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "image_store.txt")
@@ -417,7 +418,7 @@ def main() -> None:
         f"# command: bench/image_store.py --images {args.images} --compare {args.compare} "
         f"--photos {args.photos} --read-seconds {args.read_seconds:g} --fashion-sizes "
         f"{' '.join(map(str, args.fashion_sizes))} --repeats {args.repeats} --train-steps {args.train_steps} "
-        f"--nproc-images {args.nproc_images} --train-seconds {args.train_seconds:g}",
+        f"--nproc-images {args.nproc_images} --train-seconds {args.train_seconds:g} --cases {args.cases}",
     ]
 
     def say(line: str) -> None:
@@ -426,79 +427,85 @@ def main() -> None:
 
     for line in lines:
         print(line)
+    cases = set(args.cases.split(","))
     work = Path(tempfile.mkdtemp(prefix="cnnkit-bench-store-"))
     os.environ["CNNKIT_CACHE"] = str(work / "cache")
     jpegs = work / "jpegs"
     if args.keep_images:  # generated once, reused by later runs (the stores are always rebuilt)
         jpegs = args.keep_images / f"{args.images}x{args.side}"
     try:
-        start = time.perf_counter()
-        files = sorted(jpegs.glob("class*/*.jpg")) if jpegs.is_dir() else []
-        made = "found"
-        if len(files) != args.images:
-            shutil.rmtree(jpegs, ignore_errors=True)
-            files = make_folder(jpegs, args.images, args.side)
-            made = "generated"
-        megabytes = sum(f.stat().st_size for f in files) / 2**20
-        say(f"{made} {len(files):,} JPEGs of {args.side}x{args.side} ({megabytes:,.0f} MB) in "
-            f"{time.perf_counter() - start:.0f} s{' (kept from an earlier run: read from disk, not the page cache)' if made == 'found' else ''}")  # fmt: skip
-
-        say(f"\n## 1. {len(files):,} JPEGs -> store at {args.size} px (crop)")
-        built_cpu: list[float] = []
-        with PeakAnon() as peak:
-            built, epoch, seen, stored = cnnkit_epoch(files, args.size, args.read_seconds, lambda: built_cpu.append(peak.cpu))
-        # the build and the epoch are sampled together; the epoch alone below
-        say(f"build: {built:.1f} s, {len(files) / built:,.0f} images/s; store {stored.images.nbytes / 2**30:.2f} GiB "
-            f"({'memory-mapped' if stored.path and not _in_memory(stored) else 'in memory'})")  # fmt: skip
-        cores = os.cpu_count() or 1
-        say(f"build + epoch: {peak.cpu:.0f} CPU s in all; build alone {built_cpu[0]:.0f} CPU s = "
-            f"{len(files) / built_cpu[0]:,.0f} images per CPU second, i.e. {cores * len(files) / built_cpu[0]:,.0f} "
-            f"images/s on {cores} idle cores")  # fmt: skip
-        say(f"build + epoch: {peak}")
-        del stored
-        with PeakAnon() as peak:
-            opened, epoch, seen, stored = cnnkit_epoch(files, args.size, args.read_seconds)
-        part = "the whole epoch" if seen == len(files) else f"{seen:,} of {len(files):,} examples (cut at {args.read_seconds:g} s)"
-        say(f"reading (store reused, opened in {opened:.2f} s), BatchLoader batch 256 shuffled, {part}: "
-            f"{seen / epoch:,.0f} examples/s; {peak}")  # fmt: skip
-        del stored
-
-        say(f"\n## 2. {args.photos} photos of 3000x2000 -> store at 28 px")
-        photos = work / "photos"
-        photos.mkdir()
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(os.cpu_count()) as pool:
-            list(pool.map(_write_photo, [(i, str(photos)) for i in range(args.photos)]))
-        photo_files = sorted(photos.glob("*.jpg"))
-        from cnnkit.data.store import stored_images
-
-        with PeakAnon() as peak:
+        files: list[Path] = []
+        if cases & {"1", "3", "5"}:
             start = time.perf_counter()
-            stored_images(photo_files, size=28, channels=3, resize="crop", dataset="photos", stats_count=len(photo_files))
-            seconds = time.perf_counter() - start
-        say(f"build: {seconds:.1f} s ({len(photo_files) / seconds:.0f} photos/s); {peak} (target: under 1 GB)")
+            files = sorted(jpegs.glob("class*/*.jpg")) if jpegs.is_dir() else []
+            made = "found"
+            if len(files) != args.images:
+                shutil.rmtree(jpegs, ignore_errors=True)
+                files = make_folder(jpegs, args.images, args.side)
+                made = "generated"
+            megabytes = sum(f.stat().st_size for f in files) / 2**20
+            say(f"{made} {len(files):,} JPEGs of {args.side}x{args.side} ({megabytes:,.0f} MB) in "
+                f"{time.perf_counter() - start:.0f} s{' (kept from an earlier run: read from disk, not the page cache)' if made == 'found' else ''}")  # fmt: skip
 
-        subset = files[:: max(1, len(files) // args.compare)][: args.compare]
-        for file in subset:  # both pipelines then read the files from the page cache, not the disk
-            file.read_bytes()
-        for size, target in ((96, 5), (224, 3)):
-            say(f"\n## 3. first epoch at {size} px, {len(subset):,} images: cnnkit vs the seed's per-sample pipeline")
-            shutil.rmtree(work / "cache", ignore_errors=True)  # a cold cache: the build counts
-            built, epoch, _, stored = cnnkit_epoch(subset, size)
+        if "1" in cases:
+            say(f"\n## 1. {len(files):,} JPEGs -> store at {args.size} px (crop)")
+            built_cpu: list[float] = []
+            with PeakAnon() as peak:
+                built, epoch, seen, stored = cnnkit_epoch(files, args.size, args.read_seconds, lambda: built_cpu.append(peak.cpu))
+            # the build and the epoch are sampled together; the epoch alone below
+            say(f"build: {built:.1f} s, {len(files) / built:,.0f} images/s; store {stored.images.nbytes / 2**30:.2f} GiB "
+                f"({'memory-mapped' if stored.path and not _in_memory(stored) else 'in memory'})")  # fmt: skip
+            cores = os.cpu_count() or 1
+            say(f"build + epoch: {peak.cpu:.0f} CPU s in all; build alone {built_cpu[0]:.0f} CPU s = "
+                f"{len(files) / built_cpu[0]:,.0f} images per CPU second, i.e. {cores * len(files) / built_cpu[0]:,.0f} "
+                f"images/s on {cores} idle cores")  # fmt: skip
+            say(f"build + epoch: {peak}")
             del stored
-            cnnkit_first = built + epoch
-            _, later, _, stored = cnnkit_epoch(subset, size)
+            with PeakAnon() as peak:
+                opened, epoch, seen, stored = cnnkit_epoch(files, args.size, args.read_seconds)
+            part = "the whole epoch" if seen == len(files) else f"{seen:,} of {len(files):,} examples (cut at {args.read_seconds:g} s)"
+            say(f"reading (store reused, opened in {opened:.2f} s), BatchLoader batch 256 shuffled, {part}: "
+                f"{seen / epoch:,.0f} examples/s; {peak}")  # fmt: skip
             del stored
-            seed = seed_epoch(jpegs, subset, size)
-            say(f"seed (ImageFolder + Resize + CenterCrop + ToTensor, DataLoader 2 workers): {seed:.1f} s "
-                f"({len(subset) / seed:,.0f} images/s)")  # fmt: skip
-            say(f"cnnkit first epoch: {cnnkit_first:.1f} s (build {built:.1f} s + epoch {epoch:.1f} s): "
-                f"{seed / cnnkit_first:.1f}x the seed (the issue asks >= {target}x)")  # fmt: skip
-            say(f"cnnkit later epochs (store reused): {later:.2f} s: {seed / later:.0f}x the seed")
-        if args.fashion_sizes:
+
+        if "2" in cases:
+            say(f"\n## 2. {args.photos} photos of 3000x2000 -> store at 28 px")
+            photos = work / "photos"
+            photos.mkdir()
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(os.cpu_count()) as pool:
+                list(pool.map(_write_photo, [(i, str(photos)) for i in range(args.photos)]))
+            photo_files = sorted(photos.glob("*.jpg"))
+            from cnnkit.data.store import stored_images
+
+            with PeakAnon() as peak:
+                start = time.perf_counter()
+                stored_images(photo_files, size=28, channels=3, resize="crop", dataset="photos", stats_count=len(photo_files))
+                seconds = time.perf_counter() - start
+            say(f"build: {seconds:.1f} s ({len(photo_files) / seconds:.0f} photos/s); {peak} (target: under 1 GB)")
+
+        if "3" in cases:
+            subset = files[:: max(1, len(files) // args.compare)][: args.compare]
+            for file in subset:  # both pipelines then read the files from the page cache, not the disk
+                file.read_bytes()
+            for size, target in ((96, 5), (224, 3)):
+                say(f"\n## 3. first epoch at {size} px, {len(subset):,} images: cnnkit vs the seed's per-sample pipeline")
+                shutil.rmtree(work / "cache", ignore_errors=True)  # a cold cache: the build counts
+                built, epoch, _, stored = cnnkit_epoch(subset, size)
+                del stored
+                cnnkit_first = built + epoch
+                _, later, _, stored = cnnkit_epoch(subset, size)
+                del stored
+                seed = seed_epoch(jpegs, subset, size)
+                say(f"seed (ImageFolder + Resize + CenterCrop + ToTensor, DataLoader 2 workers): {seed:.1f} s "
+                    f"({len(subset) / seed:,.0f} images/s)")  # fmt: skip
+                say(f"cnnkit first epoch: {cnnkit_first:.1f} s (build {built:.1f} s + epoch {epoch:.1f} s): "
+                    f"{seed / cnnkit_first:.1f}x the seed (the issue asks >= {target}x)")  # fmt: skip
+                say(f"cnnkit later epochs (store reused): {later:.2f} s: {seed / later:.0f}x the seed")
+        if "4" in cases and args.fashion_sizes:
             fashion_store_vs_memory(work, args.fashion_sizes, args.repeats, args.train_steps, say)
-        if args.nproc_images:
+        if "5" in cases and args.nproc_images:
             nproc_memory(work, files, min(args.nproc_images, len(files)), args.train_seconds, say)
     finally:
         shutil.rmtree(work, ignore_errors=True)
