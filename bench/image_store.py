@@ -271,7 +271,6 @@ def _train_steps(loader: Any, steps: int, model: Any, optimizer: Any) -> tuple[i
             if seen >= steps * loader.batch_size:
                 break
         epoch += 1
-    torch.cuda.synchronize() if torch.cuda.is_available() else None
     return seen, time.perf_counter() - start
 
 

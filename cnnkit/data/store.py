@@ -24,13 +24,15 @@ writable as torch expects, every page stays file-backed until someone writes to 
 written ever reaches the file; it is made with ``MAP_NORESERVE``, because a writable private
 mapping is otherwise charged in full against the system's commit limit, and a store larger than
 memory plus swap (200,000 images at 224 px: 30 GB on a 24 GB machine) could not be opened at all
-("Cannot allocate memory"). Where even that is refused (strict overcommit), it is mapped read-only. A safetensors file can be memory-mapped too, but its slices come back as copies.
+("Cannot allocate memory"). Where even that is refused (strict overcommit), it is mapped
+read-only. A safetensors file can be memory-mapped too, but its slices come back as copies.
 
 How it is built (:mod:`cnnkit.data.store_build`): a process pool over all cores
-(:mod:`cnnkit._decode_pool`, torch-free workers) decodes chunks of files; the parent writes each chunk, in order, to the end of the array file with
-plain ``write`` calls (so a full disk is an ``OSError``, never the ``SIGBUS`` a write through a map
-would be) and accumulates the per-channel statistics of the first ``stats_count`` images as exact
-integer sums (no float array over the set). At most two chunks per worker are in flight, so the
+(:mod:`cnnkit._decode_pool`, torch-free workers) decodes chunks of files, each worker writing its
+chunk into its place in the array file with plain ``pwrite`` calls (so a full disk is an
+``OSError``, never the ``SIGBUS`` a write through a map would be; small sets are decoded and
+appended in this process); the parent accumulates the per-channel statistics of the first
+``stats_count`` images as exact integer sums (no float array over the set). At most two chunks per worker are in flight, so the
 build's memory does not grow with the set. It builds into a hidden temp folder beside the entry,
 fsyncs, and ``os.replace``-s it into place: an interrupted or failed build (Ctrl-C, a file that
 fails to decode: DataError naming it, exit 3) leaves no entry and no temp folder.
