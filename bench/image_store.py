@@ -257,7 +257,6 @@ def seed_epoch(root: Path, files: list[Path], size: int) -> float:
 
 def _train_steps(loader: Any, steps: int, model: Any, optimizer: Any) -> tuple[int, float]:
     """Examples and seconds of ``steps`` SGD steps of ``model`` on the loader's batches (epoch 0 on)."""
-    import torch
     import torch.nn.functional as F
 
     seen, epoch, start = 0, 0, time.perf_counter()
