@@ -252,6 +252,50 @@ def seed_epoch(root: Path, files: list[Path], size: int) -> float:
 
 
 
+# ------------------------------------------------------------------------------- what bounds a build
+
+
+def _decode_only(paths: list[str]) -> int:
+    from PIL import Image
+
+    for path in paths:
+        with Image.open(path) as image:
+            image.load()
+    return len(paths)
+
+
+def decode_ceiling(files: list[Path], sample: int) -> float:
+    """Images/s that decoding alone reaches on every core (PIL, full size, no resize, no store):
+    what any pipeline that decodes each JPEG once pays at least."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    chosen = [str(f) for f in files[:: max(1, len(files) // sample)][:sample]]
+    for path in chosen:  # from the page cache: the disk is measured on its own
+        Path(path).read_bytes()
+    cores = os.cpu_count() or 1
+    chunks = [chosen[i : i + 64] for i in range(0, len(chosen), 64)]
+    with ProcessPoolExecutor(cores) as pool:
+        list(pool.map(_decode_only, chunks[:cores]))  # workers started and warm
+        start = time.perf_counter()
+        done = sum(pool.map(_decode_only, chunks))
+    return done / (time.perf_counter() - start)
+
+
+def disk_write_rate(folder: Path, megabytes: int) -> float:
+    """MB/s of writing ``megabytes`` sequentially into ``folder`` and fsyncing, as a store build does."""
+    block = os.urandom(8 << 20)
+    path = folder / "disk-rate.tmp"
+    start = time.perf_counter()
+    with open(path, "wb") as handle:
+        for _ in range(max(1, megabytes // 8)):
+            handle.write(block)
+        handle.flush()
+        os.fsync(handle.fileno())
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return max(1, megabytes // 8) * 8 / seconds
+
+
 # ------------------------------------------------------------------------ Fashion-MNIST: store vs memory
 
 
@@ -459,6 +503,12 @@ def main() -> None:
                 f"images/s on {cores} idle cores")  # fmt: skip
             say(f"build + epoch: {peak}")
             del stored
+            per_image = 3 * args.size * args.size
+            decode = decode_ceiling(files, 4000)
+            disk = disk_write_rate(work, 4096)
+            say(f"bounds, measured now: decoding alone (PIL, no resize) {decode:,.0f} images/s on {cores} cores; "
+                f"writing 4 GiB + fsync {disk:,.0f} MB/s = {disk * 2**20 / per_image:,.0f} images/s of "
+                f"{per_image / 1024:,.0f} KiB (a store larger than the page cache is written at the disk's rate)")  # fmt: skip
             with PeakAnon() as peak:
                 opened, epoch, seen, stored = cnnkit_epoch(files, args.size, args.read_seconds)
             part = "the whole epoch" if seen == len(files) else f"{seen:,} of {len(files):,} examples (cut at {args.read_seconds:g} s)"

@@ -128,6 +128,35 @@ def test_crop_matches_torchvision_resize_and_center_crop(tmp_path: Path) -> None
     assert np.abs(ours - theirs.astype(np.int16)).max() <= 3  # the same window, resampled in one step
 
 
+def test_shrinking_averages_every_pixel_so_fine_detail_does_not_alias() -> None:
+    from cnnkit.image_files import resample
+
+    # A one-pixel checkerboard: sampled (nearest or plain bilinear at a factor above 2) it comes out
+    # as stripes or solid black/white; averaged, it is the mid grey it looks like from afar (an odd
+    # factor leaves a faint 4/9 - 5/9 checker, as any box of whole pixels does).
+    board = (np.indices((96, 96)).sum(0) % 2 * 255).astype(np.uint8)
+    for out in (24, 32, 40, 45):
+        shrunk = resample(board, (0.0, 0.0, 96.0, 96.0), (out, out)).astype(int)
+        assert abs(shrunk.mean() - 127.5) < 2 and shrunk.std() < 20, (out, shrunk.mean(), shrunk.std())  # sampled: 127.5
+
+
+def test_resample_keeps_a_fractional_window_exact() -> None:
+    from cnnkit.image_files import resample
+
+    # A linear ramp (value = 2 * column): any window, at any factor, resamples to the ramp at the
+    # output pixels' centres, so an off-by-half-a-pixel window shows at once.
+    ramp = np.tile((np.arange(120) * 2).astype(np.uint8), (10, 1))
+    for box, width in (((10.5, 0.0, 70.5, 10.0), 40), ((3.25, 0.0, 99.25, 10.0), 24), ((20.0, 0.0, 50.0, 10.0), 60)):
+        out = resample(ramp, box, (width, 10)).astype(float)
+        step = (box[2] - box[0]) / width
+        centres = box[0] + (np.arange(width) + 0.5) * step - 0.5  # in source pixel centres
+        expected = 2 * np.clip(centres, 0, 119)
+        assert np.abs(out[5] - expected).max() <= 1.0, (box, np.abs(out[5] - expected).max())
+    rgb = np.dstack([ramp, ramp // 2, 255 - ramp])  # channels stay apart
+    out = resample(rgb, (0.0, 0.0, 120.0, 10.0), (60, 5))
+    assert out.shape == (5, 60, 3) and (np.abs(out[..., 2].astype(int) - (255 - out[..., 0].astype(int))) <= 1).all()
+
+
 def test_a_big_jpeg_is_drafted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from PIL import JpegImagePlugin
 

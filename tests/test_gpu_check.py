@@ -126,9 +126,10 @@ def test_the_gpu_plan_measures_what_the_issue_asks(gpu_check: ModuleType) -> Non
 
 
 def _torch_only_python(folder: Path) -> Path:
-    """A virtual environment (no pip) whose site-packages hold exactly torch, torchvision and their
-    dependencies: links to this interpreter's installed copies, so it takes seconds, not the 4 GB
-    install of a CUDA torch (the CPU torch wheel on this machine's disk has no matching torchvision)."""
+    """A virtual environment (no pip) whose site-packages hold exactly torch, torchvision, OpenCV (the
+    GPU machines' image has it too: scripts/gpu_wheels.py's OPENCV) and their dependencies: links to
+    this interpreter's installed copies, so it takes seconds, not the 4 GB install of a CUDA torch
+    (the CPU torch wheel on this machine's disk has no matching torchvision)."""
     from importlib import metadata
 
     from packaging.requirements import Requirement
@@ -137,7 +138,7 @@ def _torch_only_python(folder: Path) -> Path:
     dists = {canonicalize_name(d.metadata["Name"]): d for d in metadata.distributions()}
     if "torch" not in dists or "torchvision" not in dists:
         pytest.skip(f"{sys.executable} has no installed torch and torchvision to link a torch-only Python to")
-    wanted, todo = set(), [("torch", ()), ("torchvision", ())]
+    wanted, todo = set(), [("torch", ()), ("torchvision", ()), ("opencv-python-headless", ())]
     while todo:
         name, extras = todo.pop()
         dist = dists.get(canonicalize_name(name))

@@ -37,8 +37,8 @@ from cnnkit.image_files import ResizeMode
 
 __all__ = ["ARRAY_FILE", "FORMAT", "META_FILE", "Build", "Decoded", "human_bytes", "mean_std", "write_meta"]
 
-FORMAT = 1
-"""Version of the entry layout; part of the key, so a new layout never reads an old entry."""
+FORMAT = 2
+"""Version of the entry layout and its pixels (2: OpenCV resizing); in the key: a new one never reads an old entry."""
 
 ARRAY_FILE = "images.u8"
 META_FILE = "meta.json"
@@ -296,11 +296,11 @@ class Build:
         from concurrent.futures import Future, ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
 
-        from cnnkit._decode_pool import decode_chunk, ignore_interrupts
+        from cnnkit._decode_pool import decode_chunk, start_worker
 
         self._reserve()
         pool = ProcessPoolExecutor(
-            max_workers=min(workers, len(starts)), mp_context=_pool_context(), initializer=ignore_interrupts
+            max_workers=min(workers, len(starts)), mp_context=_pool_context(), initializer=start_worker
         )
         pending: deque[tuple[Sequence[Path], Future[Chunk]]] = deque()
         queued = iter(starts)
