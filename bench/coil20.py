@@ -3,6 +3,7 @@
     python bench/coil20.py                                     # everything: 6 models x 2 splits x 3 seeds
     python bench/coil20.py --models lenet,alexnet --seeds 3 --epochs 10
     python bench/coil20.py --models vgg16 --splits pose-block --seeds 1 --epochs 3
+    python bench/coil20.py --models lenet --splits pose-block --set augment=crop-flip --set ema=0.999
     python bench/coil20.py --table                             # only print the table of what was recorded
 
 Each run trains with cnnkit's own run driver (what ``cnnkit train`` runs), with the model's default
@@ -13,7 +14,10 @@ object held out: viewpoints never seen in training). Every finished run is appen
 ``--record`` (JSON lines), so the benchmark can be run in pieces and a run already recorded with
 the same settings is skipped; the markdown table of everything recorded (median final-epoch test
 accuracy over the seeds, each seed's, and the median wall time of one run) goes to stdout and
-``--markdown``.
+``--markdown``. ``--set KEY=VALUE`` (repeatable) overrides any other training-config key of the
+recipe (``augment``, ``lr``, ``mixup``, ...: ``cnnkit train``'s names and values); the overrides
+are part of each recorded row (``"set"``), of what makes a run "already recorded", and of the
+table's model column.
 """
 
 from __future__ import annotations
@@ -42,8 +46,48 @@ SPLITS = ("random", "pose-block")
 HERE = Path(__file__).resolve().parent
 
 
+# What the bench sets itself (each has its own flag, or is the run's identity): not for --set.
+OWN_KEYS = {
+    "model": "--models", "model_options": "the bench's per-model options", "dataset": "COIL-20",
+    "dataset_options": "--splits", "data": "--data", "seed": "--seeds/--first-seed", "epochs": "--epochs",
+    "input_size": "--input-size", "recipe": "--recipe", "batch_size": "--batch-size", "device": "the CPU",
+    "quiet": "quiet runs", "out": "a temporary folder",
+}  # fmt: skip
+
+
+def _settings(row: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """A row's --set overrides as a sorted, hashable tuple (rows from before --set have none)."""
+    return tuple(sorted((row.get("set") or {}).items()))
+
+
 def _key(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row["model"], row["split"], row["seed"], row["epochs"], row["input_size"], row["recipe"], row["batch_size"])
+    return (row["model"], row["split"], row["seed"], row["epochs"], row["input_size"], row["recipe"], row["batch_size"],
+            _settings(row))  # fmt: skip
+
+
+def parse_sets(pairs: list[str], model: str) -> dict[str, Any]:
+    """``["augment=crop-flip", "lr=2e-2"]`` -> ``{"augment": "crop-flip", "lr": 0.02}``: parsed as
+    ``cnnkit train -o`` parses (``key=value``), validated and typed by the model's resolved config, so
+    equal settings written differently (``lr=2e-2``, ``lr=0.02``; ``cutmix=1``, ``cutmix=1.0``) key alike."""
+    from cnnkit.cli._common import parse_key_values
+    from cnnkit.config import resolve_config
+    from cnnkit.errors import UsageError
+
+    given = parse_key_values(pairs, flag="--set")
+    for key in given:
+        if key in OWN_KEYS:
+            raise UsageError(f"--set {key}=...: the bench sets {key} itself ({OWN_KEYS[key]})")
+    config = resolve_config(overrides={"model": model, **given})
+    return {key: getattr(config, key) for key in sorted(given)}
+
+
+def _value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def settings_label(row: dict[str, Any]) -> str:
+    """`` `--set k=v` `` per override, for the table's model column ("" when none)."""
+    return "".join(f" `--set {k}={_value(v)}`" for k, v in _settings(row))
 
 
 def read_record(path: Path) -> list[dict[str, Any]]:
@@ -67,7 +111,15 @@ def input_side(model: str, options: dict[str, Any], wanted: int) -> int:
 
 
 def run_one(
-    model: str, split: str, seed: int, epochs: int, side: int, recipe: str, batch_size: int | None, data: Any
+    model: str,
+    split: str,
+    seed: int,
+    epochs: int,
+    side: int,
+    recipe: str,
+    batch_size: int | None,
+    data: Any,
+    sets: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -80,6 +132,7 @@ def run_one(
         overrides["batch_size"] = batch_size
     if MODELS.get(model):
         overrides["model_options"] = dict(MODELS[model])
+    overrides.update(sets or {})
     config = resolve_config(overrides=overrides)
     with tempfile.TemporaryDirectory() as folder:
         config = config.model_copy(update={"out": str(Path(folder) / "run")})
@@ -92,7 +145,8 @@ def run_one(
     # of the best epoch by validation. Validation alone chose it.
     return {
         "model": model, "options": MODELS.get(model, {}), "split": split, "seed": seed, "epochs": epochs,
-        "input_size": side, "recipe": recipe, "batch_size": config.batch_size, "config": describe_config(config),
+        "input_size": side, "recipe": recipe, "batch_size": config.batch_size, "set": dict(sets or {}),
+        "config": describe_config(config),
         "val_acc": accs, "final": tested["final"]["test_acc"], "best": tested.get("best", tested["final"])["test_acc"],
         "best_epoch": result.best_epoch, "protocol": "val", "seconds": round(seconds, 1),
         "examples_per_s": round(result.examples_per_s, 1), "train_examples": len(data.train),
@@ -101,17 +155,20 @@ def run_one(
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """One line per (model, epochs, input, recipe): each split's median final accuracy and time."""
+    """One line per (model, epochs, input, batch, recipe, --set): each split's median final accuracy and time."""
     groups: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        groups[(row["model"], row["epochs"], row["input_size"], row["batch_size"], row["recipe"])][row["split"]].append(row)
+        group = (row["model"], row["epochs"], row["input_size"], row["batch_size"], row["recipe"], _settings(row))
+        groups[group][row["split"]].append(row)
     order = {name: i for i, name in enumerate(MODELS)}
     lines = [
         "| model | input | batch | epochs | `random` test acc: median (seeds) | time/run | "
         "`pose-block` test acc: median (seeds) | time/run |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for (model, epochs, side, batch, recipe), by_split in sorted(groups.items(), key=lambda g: (order.get(g[0][0], 99), g[0])):
+    for (model, epochs, side, batch, recipe, sets), by_split in sorted(
+        groups.items(), key=lambda g: (order.get(g[0][0], 99), g[0])
+    ):
         cells = []
         for split in SPLITS:
             runs = sorted(by_split.get(split, []), key=lambda r: r["seed"])
@@ -127,17 +184,20 @@ def table(rows: list[dict[str, Any]]) -> str:
         options = MODELS.get(model) or {}
         label = f"`{model}`" + "".join(f" `-o {k}={str(v).lower()}`" for k, v in options.items())
         label += "" if recipe == "default" else f" (`--recipe {recipe}`)"
+        label += settings_label({"set": dict(sets)})
         lines.append(f"| {label} | {side} | {batch} | {epochs} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def report(rows: list[dict[str, Any]], text: str, notes: list[str]) -> str:
     """The markdown file: what ran where, the table, and each model's resolved hyperparameters."""
-    machines = sorted({f"torch {r['torch']}, {r['threads']} CPU thread{'' if r['threads'] == 1 else 's'}" for r in rows})
+    machines = sorted(
+        {f"torch {r['torch']}, {r['threads']} CPU thread{'' if r['threads'] == 1 else 's'}" for r in rows}
+    )
     configs = {}
     sizes = {r["split"]: f"{r['train_examples']:,} train / {r['test_examples']:,} test images" for r in rows}
     for row in rows:
-        configs.setdefault((row["model"], row["recipe"]), row["config"])
+        configs.setdefault((row["model"], row["recipe"], settings_label(row)), row["config"])
     lines = [
         "# COIL-20: the seed project's models (`bench/coil20.py`)",
         "",
@@ -152,8 +212,8 @@ def report(rows: list[dict[str, Any]], text: str, notes: list[str]) -> str:
         *[line for note in notes for line in (note, "")],
         "Hyperparameters (each model's default recipe at this input size, as its first recorded run resolved them):",
         "",
-        *[f"- `{model}`{'' if recipe == 'default' else f' ({recipe})'}: {config}"
-          for (model, recipe), config in configs.items()],
+        *[f"- `{model}`{'' if recipe == 'default' else f' ({recipe})'}{sets}: {config}"
+          for (model, recipe, sets), config in configs.items()],
         "",
     ]  # fmt: skip
     return "\n".join(lines)
@@ -170,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-size", type=int, default=64, help="square side; raised to a model's smallest")
     parser.add_argument("--recipe", default="default", choices=["default", "d2l"])
     parser.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the recipe's)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a training-config key of the recipe, e.g. --set augment=crop-flip --set "
+                        "ema=0.999 (repeatable; cnnkit train's keys and values)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 avoids oversubscribing a shared machine")  # fmt: skip
     parser.add_argument("--data", default=None, help="the COIL-20 folder (default: $CNNKIT_DATA/coil-20)")
@@ -191,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [s for s in splits if s not in SPLITS]
         if unknown:
             parser.error(f"unknown split(s) {', '.join(unknown)}; use {', '.join(SPLITS)}")
+        from cnnkit.errors import UsageError
+
+        try:
+            sets = {model: parse_sets(args.sets, model) for model in models}
+        except UsageError as err:
+            parser.error(str(err))
         if args.threads:
             torch.set_num_threads(args.threads)
         print(f"torch {torch.__version__} · {torch.get_num_threads()} threads · nice {os.nice(0)}", flush=True)
@@ -202,11 +271,14 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in range(args.first_seed, args.first_seed + args.seeds):
                     probe = {"model": model, "split": split, "seed": seed, "epochs": args.epochs,
                              "input_size": side, "recipe": args.recipe,
-                             "batch_size": args.batch_size or REGISTRY.get(model).recipe.batch_size}  # fmt: skip
+                             "batch_size": args.batch_size or REGISTRY.get(model).recipe.batch_size,
+                             "set": sets[model]}  # fmt: skip
                     if _key(probe) in done:
                         print(f"{model} {split} seed {seed}: already recorded, skipped", flush=True)
                         continue
-                    row = run_one(model, split, seed, args.epochs, side, args.recipe, args.batch_size, data)
+                    row = run_one(
+                        model, split, seed, args.epochs, side, args.recipe, args.batch_size, data, sets[model]
+                    )
                     append_record(args.record, row)
                     print(
                         f"{model} {split} seed {seed} ({row['config']}): val acc per epoch "
