@@ -283,7 +283,7 @@ def decode_ceiling(files: list[Path], sample: int) -> float:
 
 
 def disk_write_rate(folder: Path, megabytes: int) -> float:
-    """MB/s of writing ``megabytes`` sequentially into ``folder`` and fsyncing, as a store build does."""
+    """MiB/s of writing ``megabytes`` MiB sequentially into ``folder`` and fsyncing, as a store build does."""
     block = os.urandom(8 << 20)
     path = folder / "disk-rate.tmp"
     start = time.perf_counter()
@@ -521,7 +521,7 @@ def main() -> None:
             decode = decode_ceiling(files, 4000)
             disk = disk_write_rate(work, 4096)
             say(f"bounds, measured now: decoding alone (PIL, no resize) {decode:,.0f} images/s on {cores} cores; "
-                f"writing 4 GiB + fsync {disk:,.0f} MB/s = {disk * 2**20 / per_image:,.0f} images/s of "
+                f"writing 4 GiB + fsync {disk:,.0f} MiB/s = {disk * 2**20 / per_image:,.0f} images/s of "
                 f"{per_image / 1024:,.0f} KiB (a store larger than the page cache is written at the disk's rate)")  # fmt: skip
             with PeakAnon() as peak:
                 opened, epoch, seen, stored = cnnkit_epoch(files, args.size, args.read_seconds)

@@ -1,6 +1,6 @@
 """One image file -> uint8 pixels, the same way for training folders and for ``cnnkit predict``.
 
-Only PIL and numpy are imported (``predict`` on an ONNX file runs without torch). What every
+Only PIL, OpenCV and numpy are imported (``predict`` on an ONNX file runs without torch). What every
 image becomes, whatever its format (PNG, JPEG, BMP, TIFF, WebP, GIF's first frame):
 
 - its EXIF orientation is applied (``ImageOps.exif_transpose``), so a photo a camera stored
@@ -259,8 +259,8 @@ def resample(pixels: np.ndarray, box: tuple[float, float, float, float], out: tu
     area interpolation: every source pixel counts, so fine detail cannot alias), then samples the
     rest (a factor below 2) bilinearly at the pixel centres (an affine warp: a fractional box
     stays exact); enlarging is bilinear alone. OpenCV's vectorised kernels take 0.2 ms for a
-    256 -> 224 px RGB image where PIL's antialiased bilinear took 1.0 ms on this project's CPU,
-    most of the decode-and-resize time (bench/results/image_store.txt); the values are within a
+    256 -> 224 px RGB image where PIL's antialiased bilinear took 1.0 ms on this project's CPU
+    (profiled per image; PIL's was most of the decode-and-resize time); the values are within a
     few grey levels of PIL's (torchvision's ``Resize``), the same window of the image.
     """
     import cv2
