@@ -49,6 +49,32 @@ def test_resize_matches_bilinear_interpolation_within_a_grey_level() -> None:
         assert (images - reference.clamp(0, 1)).abs().max() <= 1.5 / 255
 
 
+def test_enlarged_copy_matches_bilinear_interpolation_in_every_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 2,400 planes split among 3 threads, unevenly: a plane no thread wrote would be garbage.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    images = torch.randint(0, 256, (800, 3, 28, 28), dtype=torch.uint8)
+    enlarged = resize_uint8(images, 96)
+    reference = F.interpolate(images.float(), size=(96, 96), mode="bilinear", align_corners=False)
+    assert enlarged.shape == (800, 3, 96, 96) and enlarged.dtype == torch.uint8
+    assert (enlarged.float() - reference).abs().amax(dim=(1, 2, 3)).max() <= 1
+    assert (enlarged.float() - reference).abs().mean() < 0.3
+
+
+def test_an_enlarged_split_is_enlarged_as_it_is_read_with_no_copy() -> None:
+    images = torch.randint(0, 256, (40, 3, 28, 28), dtype=torch.uint8)
+    split = ImageTensors(images, torch.arange(40) % 7)
+    options = dict(
+        batch_size=16, image_size=64, shuffle=True, seed=3, augment=True, mean=[0.1, 0.5, 0.9], std=[0.2, 0.3, 0.4]
+    )
+    loader = BatchLoader(split, **options)  # type: ignore[arg-type]
+    streamed = collect(loader, 1)
+    # The same epoch over a split enlarged beforehand: the same order, draws and values.
+    before = ImageTensors(resize_uint8(images.clone(), 64), split.labels)
+    copied = collect(BatchLoader(before, **options), 1)  # type: ignore[arg-type]
+    assert loader.enlarge and loader.images is images and "_cnnkit_resized" not in images.__dict__
+    assert torch.allclose(streamed[0], copied[0], atol=2e-6) and torch.equal(streamed[1], copied[1])
+
+
 def test_resized_copy_is_made_once_per_split_and_size() -> None:
     split = make_split()
     first = resize_uint8(split.images, 24)
