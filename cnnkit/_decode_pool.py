@@ -12,6 +12,8 @@ it decoding; bench/results/image_store.txt).
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import signal
 from collections.abc import Sequence
@@ -24,8 +26,13 @@ from cnnkit.image_files import ResizeMode, square_pixels
 
 __all__ = ["Chunk", "decode_chunk", "start_worker"]
 
-_buffer: np.ndarray | None = None
-"""This worker's pixel buffer, reused chunk after chunk (a fresh one would page-fault anew each time)."""
+_buffer: mmap.mmap | None = None
+"""This worker's pixel buffer, reused chunk after chunk (a fresh one would page-fault anew each
+time); page-aligned, so that it can be written with ``O_DIRECT``."""
+
+_ALIGN = 4096
+"""What ``O_DIRECT`` needs aligned (file offset, length and memory address): the page size, a
+multiple of any disk's logical block size."""
 
 
 class Chunk(NamedTuple):
@@ -51,13 +58,14 @@ def start_worker() -> None:
 
 
 def decode_chunk(
-    paths: Sequence[Path], channels: int, size: int, resize: ResizeMode, target: tuple[str, int] | None = None
+    paths: Sequence[Path], channels: int, size: int, resize: ResizeMode, target: tuple[str, int, bool] | None = None
 ) -> Chunk:
     """Each file's pixels and, per channel, the exact sum of its values and of their squares (so
     the statistics of any number of images are exact integers; no float array is ever made).
 
-    ``target`` = (array file, byte offset): the pixels are written there (in this worker's reused
-    buffer until then) and not returned, unless the write fails (``write_error``).
+    ``target`` = (array file, byte offset, direct): the pixels are written there (in this worker's
+    reused buffer until then) and not returned, unless the write fails (``write_error``); with
+    ``direct``, bypassing the page cache where the file system allows (see :func:`_pwrite`).
     """
     import cv2
 
@@ -67,9 +75,12 @@ def decode_chunk(
         pixels = np.empty(shape, dtype=np.uint8)
     else:
         count = int(np.prod(shape))
-        if _buffer is None or _buffer.size < count:
-            _buffer = np.empty(count, dtype=np.uint8)
-        pixels = _buffer[:count].reshape(shape)
+        if _buffer is None or len(_buffer) < count + _ALIGN:
+            _buffer = mmap.mmap(-1, count + _ALIGN)
+        # Placed so that each byte's address and its file offset agree modulo _ALIGN: the aligned
+        # middle of the chunk can then go to the disk straight from here.
+        start = target[1] % _ALIGN
+        pixels = np.frombuffer(_buffer, dtype=np.uint8, count=count, offset=start).reshape(shape)
     sums = np.empty((len(paths), channels, 2), dtype=np.int64)
     for i, path in enumerate(paths):
         square = square_pixels(path, channels, size, resize)
@@ -85,19 +96,61 @@ def decode_chunk(
     if target is None:
         return Chunk(pixels, sums)
     try:
-        _pwrite(target[0], target[1], pixels)
+        _pwrite(target[0], target[1], pixels, direct=target[2])
     except OSError as exc:
         return Chunk(pixels.copy(), sums, exc)
     return Chunk(None, sums)
 
 
-def _pwrite(path: str, offset: int, pixels: np.ndarray) -> None:
-    """``pixels`` into the file at ``offset`` (plain writes: a full disk is an OSError, not a SIGBUS)."""
+def _pwrite(path: str, offset: int, pixels: np.ndarray, direct: bool = False) -> None:
+    """``pixels`` into the file at ``offset`` (plain writes: a full disk is an OSError, not a SIGBUS).
+
+    With ``direct``, the chunk's whole aligned pages go to the disk with ``O_DIRECT`` (``pixels``
+    must then agree with the file offset modulo _ALIGN, as :func:`decode_chunk` places them) and
+    only its partial first and last pages through the page cache. A store larger than the page
+    cache is written through it at a high price on this project's virtual machine: 2.6 s of
+    kernel CPU per GB (0.37 ms per 224 px image, half the decoding's cost), against 0.02 s with
+    ``O_DIRECT`` (profiled). A file system without ``O_DIRECT`` gets plain writes."""
+    view = memoryview(pixels.reshape(-1).data)
+    head = min(len(view), -offset % _ALIGN)
+    middle = (len(view) - head) // _ALIGN * _ALIGN
+    if direct and middle and _write_direct(path, view[head : head + middle], offset + head):
+        rest = [(view[:head], offset), (view[head + middle :], offset + head + middle)]
+    else:
+        rest = [(view, offset)]
     fd = os.open(path, os.O_WRONLY)
     try:
-        view = memoryview(pixels.reshape(-1).data)
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view, offset = view[written:], offset + written
+        for part, at in rest:
+            _write_all(fd, part, at)
     finally:
         os.close(fd)
+
+
+def _write_direct(path: str, view: memoryview, offset: int) -> bool:
+    """Whether ``view`` (aligned in memory, in the file and in length) went into the file with
+    ``O_DIRECT``; False where the system or file system has none (then it is written as usual,
+    the same bytes at the same offsets)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | flag)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    try:
+        _write_all(fd, view, offset)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    finally:
+        os.close(fd)
+    return True
+
+
+def _write_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written

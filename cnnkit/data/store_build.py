@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cnnkit._decode_pool import Chunk
+from cnnkit._version import __version__
 from cnnkit.errors import CnnkitError
 from cnnkit.fs import fsync_dir
 from cnnkit.image_files import ResizeMode
@@ -245,7 +246,7 @@ class Build:
             "source": _common_folder(self.paths),
             "stats": {str(self.stats_count): {"mean": list(mean), "std": list(std)}},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "cnnkit": _version(),
+            "cnnkit": __version__,
         }
         try:
             os.fsync(self.handle.fileno())
@@ -297,8 +298,12 @@ class Build:
         from concurrent.futures.process import BrokenProcessPool
 
         from cnnkit._decode_pool import decode_chunk, start_worker
+        from cnnkit.data.batches import reclaimable_memory
 
         self._reserve()
+        # A store the page cache could not keep anyway is written past it (O_DIRECT, see
+        # cnnkit._decode_pool._pwrite); a smaller one through it, so the first epoch reads memory.
+        direct = self.nbytes > reclaimable_memory() // 2
         pool = ProcessPoolExecutor(
             max_workers=min(workers, len(starts)), mp_context=_pool_context(), initializer=start_worker
         )
@@ -313,7 +318,7 @@ class Build:
                     files = self.paths[first : first + step]
                     target = None
                     if self.memory is None and self.tmp is not None:
-                        target = (str(self.tmp / ARRAY_FILE), first * self.per_image)
+                        target = (str(self.tmp / ARRAY_FILE), first * self.per_image, direct)
                     with _workers_skip_main():
                         pending.append((files, pool.submit(decode_chunk, files, *args, target)))
                 if not pending:
@@ -424,12 +429,6 @@ def _common_folder(paths: Sequence[Path]) -> str | None:
     except ValueError:
         return None
     return os.fsencode(common).decode("utf-8", "backslashreplace")
-
-
-def _version() -> str:
-    from cnnkit._version import __version__
-
-    return __version__
 
 
 def human_bytes(count: float) -> str:
