@@ -70,6 +70,7 @@ def decode_chunk(
     import cv2
 
     global _buffer
+    _will_need(paths)
     shape = (len(paths), channels, size, size)
     if target is None:
         pixels = np.empty(shape, dtype=np.uint8)
@@ -100,6 +101,26 @@ def decode_chunk(
     except OSError as exc:
         return Chunk(pixels.copy(), sums, exc)
     return Chunk(None, sums)
+
+
+def _will_need(paths: Sequence[Path]) -> None:
+    """Ask the kernel to start reading every file of the chunk now (a hint; errors are the
+    decoder's to report): read one at a time, each cold file was a wait on the disk with the core
+    idle (a 200,000-JPEG build ran at 73% of what its CPU time allowed)."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _pwrite(path: str, offset: int, pixels: np.ndarray, direct: bool = False) -> None:
