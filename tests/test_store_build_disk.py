@@ -1,5 +1,6 @@
-"""A store larger than the page cache is written past it: whole aligned pages with O_DIRECT, the
-partial first and last pages of a chunk through the page cache; the same bytes either way."""
+"""How a build's workers use the disk: a store larger than the page cache is written past it (whole
+aligned pages with O_DIRECT, the partial first and last pages of a chunk through the page cache;
+the same bytes either way), and each chunk's files are asked for before any is decoded."""
 
 from __future__ import annotations
 
@@ -116,3 +117,27 @@ def test_a_build_writes_direct_only_a_store_the_page_cache_cannot_keep(
         )  # fmt: skip
         build.run()
         assert seen and set(seen) == {expected}
+
+
+def test_a_worker_asks_for_all_of_its_chunks_files_before_decoding_any(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    real_advise, real_square = os.posix_fadvise, decode_pool.square_pixels
+
+    def advise(fd: int, offset: int, length: int, advice: int) -> None:
+        events.append("advise" if advice == os.POSIX_FADV_WILLNEED else "other")
+        real_advise(fd, offset, length, advice)
+
+    def square(*args: Any) -> Any:
+        events.append("decode")
+        return real_square(*args)
+
+    monkeypatch.setattr(os, "posix_fadvise", advise)
+    monkeypatch.setattr(decode_pool, "square_pixels", square)
+    files = jpegs(tmp_path / "imgs", 5)
+    decode_pool._will_need([*files, tmp_path / "missing.jpg"])  # a file gone is the decoder's to report
+    assert events == ["advise"] * 5
+    events.clear()
+    decode_pool.decode_chunk(files, 3, 16, "crop")
+    assert events == ["advise"] * 5 + ["decode"] * 5
