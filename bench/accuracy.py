@@ -56,15 +56,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from cnnkit.cli._common import parse_key_values
     from cnnkit.config import describe_config, resolve_config
     from cnnkit.data import load_dataset
     from cnnkit.training.run import train, typed_options
 
-    extra = dict(pair.split("=", 1) for pair in args.set)
+    extra = parse_key_values(args.set, flag="--set")  # as `cnnkit train -o` parses: one line for a bad pair
     base = {"model": args.model, "recipe": args.recipe, "epochs": args.epochs, "dataset": args.dataset,
             "device": args.device, "quiet": True, **extra}  # fmt: skip
     if args.options:
-        base["model_options"] = dict(pair.split("=", 1) for pair in args.options)
+        base["model_options"] = parse_key_values(args.options, flag="-o")
     if args.data:
         base["data"] = args.data
     config = typed_options(resolve_config(overrides=base))
