@@ -91,8 +91,6 @@ def test_a_file_system_without_o_direct_gets_plain_writes(tmp_path: Path, monkey
 def test_a_build_writes_direct_only_a_store_the_page_cache_cannot_keep(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import cnnkit.data.batches as batches
-
     seen: list[bool] = []
     original = decode_pool.decode_chunk
 
@@ -109,11 +107,10 @@ def test_a_build_writes_direct_only_a_store_the_page_cache_cannot_keep(
     monkeypatch.setattr(decode_pool, "decode_chunk", recording)
     files = jpegs(tmp_path / "imgs", 12)
     for memory, expected in ((1 << 40, False), (1000, True)):
-        monkeypatch.setattr(batches, "reclaimable_memory", lambda memory=memory: memory)
         seen.clear()
         build = store_build.Build(
             files, tmp_path / f"entry-{expected}", (12, 3, 16, 16), "crop", "test", 12, False, chunk_bytes=4 * 768,
-            pool_min_files=0, available_memory=lambda: 1 << 30,
+            pool_min_files=0, available_memory=lambda memory=memory: memory,
         )  # fmt: skip
         build.run()
         assert seen and set(seen) == {expected}

@@ -147,15 +147,17 @@ class BatchLoader:
         self.channels_last = channels_last
         images, labels = split.images, split.labels
         # A split enlarged on the CPU (Fashion-MNIST's 28 px to 96 or 224) is enlarged chunk by
-        # chunk as it is read, converted and normalised in the same pass (see cnnkit.data.resizing.enlarge_planes): as
-        # fast as gathering from an enlarged copy at 96 px, 2-3x faster at 224, and no copy (3 GB
-        # at 224 px per process, and 3-5 s of page faults before the first step on this
-        # project's machine).
+        # chunk as it is read, converted and normalised in the same pass (_enlarge, see
+        # cnnkit.data.resizing.enlarge_planes): as fast as gathering from an enlarged copy at 96 px,
+        # 2-3x faster at 224, and no copy (3 GB at 224 px per process, and 3-5 s of page faults
+        # before the first step on this project's machine).
         self.enlarge = self.device.type == "cpu" and enlarges(images, image_size)
         self._threads: ThreadPoolExecutor | None = None
-        if self.enlarge:
-            pass  # batches are enlarged as they are read (_enlarge)
-        elif self.device.type == "cpu" and resized_bytes(images, image_size) <= available_memory() // 3:
+        if (
+            self.device.type == "cpu"
+            and not self.enlarge
+            and resized_bytes(images, image_size) <= available_memory() // 3
+        ):
             # Resizing per batch would dominate a CPU epoch: resize the split once instead (when
             # the copy fits comfortably; otherwise each batch is resized on its own).
             images = resize_uint8(images, image_size)
@@ -184,6 +186,12 @@ class BatchLoader:
         self._pad: torch.Tensor | None = None
         if self.mean is not None and self.std is not None and not self.augmentation.policy:
             self._pad = torch.zeros_like(self.mean).sub_(self.mean).div_(self.std)
+        # What _enlarge multiplies and adds per channel: _prepare's scaling and normalisation.
+        self._affine = ([1 / 255] * channels, [0.0] * channels)
+        if self.enlarge and self.mean is not None and self.std is not None and not self.augmentation.policy:
+            std = self.std.flatten().tolist()
+            shifts = [-m / s for m, s in zip(self.mean.flatten().tolist(), std, strict=True)]
+            self._affine = ([1 / (255 * s) for s in std], shifts)
 
     def _stat(self, values: Sequence[float] | None, channels: int) -> torch.Tensor | None:
         if values is None:
@@ -345,17 +353,11 @@ class BatchLoader:
     def _enlarge(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 rows (CPU) -> float32 enlarged to ``image_size``, scaled to 0..1 and normalised as
         :meth:`_prepare` does, in one pass per plane (values within 2e-7 of its torch ops)."""
-        channels = int(batch.shape[1])
-        scales, shifts = [1 / 255] * channels, [0.0] * channels
-        if self.mean is not None and self.std is not None and not self.augmentation.policy:
-            std = self.std.flatten().tolist()
-            scales = [1 / (255 * s) for s in std]
-            shifts = [-m / s for m, s in zip(self.mean.flatten().tolist(), std, strict=True)]
         out = torch.empty((*batch.shape[:2], self.image_size, self.image_size), dtype=torch.float32)
         if self._threads is None and torch.get_num_threads() > 1:
             self._threads = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="cnnkit-enlarge")
             weakref.finalize(self, self._threads.shutdown, wait=False)
-        enlarge_planes(batch.contiguous(), out, (scales, shifts), self._threads)
+        enlarge_planes(batch.contiguous(), out, self._affine, self._threads)
         if self.channels_last and not self.augment:
             out = out.contiguous(memory_format=torch.channels_last)
         return out

@@ -298,12 +298,11 @@ class Build:
         from concurrent.futures.process import BrokenProcessPool
 
         from cnnkit._decode_pool import decode_chunk, start_worker
-        from cnnkit.data.batches import reclaimable_memory
 
         self._reserve()
         # A store the page cache could not keep anyway is written past it (O_DIRECT, see
         # cnnkit._decode_pool._pwrite); a smaller one through it, so the first epoch reads memory.
-        direct = self.nbytes > reclaimable_memory() // 2
+        direct = self.nbytes > self.available_memory() // 2
         pool = ProcessPoolExecutor(
             max_workers=min(workers, len(starts)), mp_context=_pool_context(), initializer=start_worker
         )
