@@ -70,6 +70,7 @@ PLUGIN = """
     class FlakyOptions(StandardOptions):
         fail_epoch: int = Field(1, description="Epoch in which rank 1 fails (after its first step).")
         first_attempt_only: bool = Field(False, description="Fail only before torchrun's first restart.")
+        report: str = Field("", description="Folder each rank writes its memory and threads into, at its first step.")
 
 
     class FlakyTrainer(StandardTrainer):
@@ -89,7 +90,19 @@ PLUGIN = """
             # average waits for rank 0, so rank 0 has written the previous epoch's files and lines.
             # Failing at the epoch's start raced with them: torchrun stops rank 0 as soon as
             # rank 1 exits, and could cut it between the resume point and its log and stdout line.
+            def report(run):
+                folder = run.options.report
+                if folder and not os.path.exists(f"{folder}/rank{run.rank}.json"):
+                    import json, torch
+                    with open("/proc/self/status") as status, open("/proc/self/smaps_rollup") as rollup:
+                        kb = {line.split(":")[0]: int(line.split()[1]) for line in [*status, *rollup]
+                              if line.startswith(("RssAnon:", "Pss_Anon:"))}
+                    kb["threads"] = torch.get_num_threads()
+                    with open(f"{folder}/rank{run.rank}.json", "w") as out:
+                        json.dump(kb, out)
+
             run.events.on(Events.ITERATION_COMPLETED, fail)
+            run.events.on(Events.ITERATION_COMPLETED, report)
             return super().fit(model, data, config, run)
 """
 
@@ -253,3 +266,49 @@ def test_the_global_batch_must_divide_over_the_processes(tmp_path: Path) -> None
         DistributedDataParallelStrategy(torch.device("cpu"), 0, 4, 0, "gloo").check(config.batch_size, False)
     with pytest.raises(UsageError, match="--sync-bn needs CUDA"):
         DistributedDataParallelStrategy(torch.device("cpu"), 1, 2, 0, "gloo").check(32, True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_nproc_ranks_are_forked_and_share_the_launchers_pages_when_that_is_safe(
+    site: Path, data: Path, tmp_path: Path, threads: str
+) -> None:
+    """One OpenMP thread a rank, no CUDA: the ranks are forked from the launcher and share the pages
+    torch filled at import. More threads: new processes (libgomp would hang a forked child)."""
+    report = tmp_path / "report"
+    report.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "cnnkit", *train_args(data, "--out", str(tmp_path / "run"), "--epochs", "1",
+                                                    "--trainer", "flaky", "-t", "fail_epoch=99", "-t",
+                                                    f"report={report}", "--nproc", "2", "-q")],
+        capture_output=True, text=True, timeout=180, env={**env(site, tmp_path / "cache"), "OMP_NUM_THREADS": threads},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    forked = threads == "1" and not torch.cuda.is_available()
+    for rank in (0, 1):
+        kb = json.loads((report / f"rank{rank}.json").read_text())
+        assert kb["threads"] == int(threads)  # a forked rank sets the thread count torchrun chose
+        shared_mb = (kb["RssAnon"] - kb["Pss_Anon"]) * 2 / 1024  # shared by k processes: Pss counts 1/k
+        assert (shared_mb > 100) == forked, (rank, kb)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_an_nproc_job_with_130_and_keeps_its_last_epoch(site: Path, data: Path, tmp_path: Path) -> None:
+    import signal
+
+    out = tmp_path / "run"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "cnnkit", *train_args(data, "--out", str(out), "--epochs", "200", "--nproc", "2")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(site, tmp_path / "cache"),
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not ((out / "metrics.csv").exists() and rows(out)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every process of the job
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 130, stderr
+    assert "Traceback" not in stderr and "SignalException" not in stderr, stderr
+    assert "interrupted" in stderr
+    saved = rows(out)
+    assert saved and [r["epoch"] for r in saved] == list(range(1, len(saved) + 1))
