@@ -312,3 +312,32 @@ def test_ctrl_c_stops_an_nproc_job_with_130_and_keeps_its_last_epoch(site: Path,
     assert "interrupted" in stderr
     saved = rows(out)
     assert saved and [r["epoch"] for r in saved] == list(range(1, len(saved) + 1))
+
+
+@pytest.mark.slow
+def test_forked_ranks_of_a_process_that_ran_multithreaded_ops_do_not_hang(site: Path, data: Path, tmp_path: Path) -> None:
+    """The launcher has an OpenMP team (a 2-thread matmul, as a notebook that trained before
+    would): a forked rank that started a team of its own would hang in libgomp. It takes one thread."""
+    import signal
+
+    out = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import sys, torch
+        torch.set_num_threads(2)
+        _ = torch.randn(300, 300) @ torch.randn(300, 300)
+        from cnnkit.cli.app import main
+        sys.argv = ["cnnkit", *{train_args(data, "--epochs", "1", "--nproc", "2", "--out", str(out), "-q")!r}]
+        main()
+    """)
+    environment = env(site, tmp_path / "cache")
+    del environment["OMP_NUM_THREADS"]  # torchrun's default then: one thread a rank
+    job = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=environment, start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = job.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+        pytest.fail("the --nproc 2 job hung")
+    assert job.returncode == 0, stderr
+    assert [r["epoch"] for r in rows(out)] == [1.0]

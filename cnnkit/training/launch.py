@@ -131,6 +131,10 @@ def _forked_rank(*cli_args: str) -> None:
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(signum, signal.SIG_DFL)
     torch.set_num_threads(1)  # libgomp read the launcher's environment, before torchrun set it
+    # A new Python writes to the real stdout and stderr, not to a caller's capture (a notebook's,
+    # a CliRunner's), whose copy in this process nobody would read.
+    sys.stdout = sys.__stdout__ or sys.stdout
+    sys.stderr = sys.__stderr__ or sys.stderr
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(line_buffering=True)  # as -u: lines as they come, not at exit
