@@ -341,3 +341,28 @@ def test_forked_ranks_of_a_process_that_ran_multithreaded_ops_do_not_hang(site: 
         pytest.fail("the --nproc 2 job hung")
     assert job.returncode == 0, stderr
     assert [r["epoch"] for r in rows(out)] == [1.0]
+
+
+@pytest.mark.parametrize(("args", "code"), [(["list", "models"], 0), (["summary", "no-such-model"], 2)])
+def test_a_rank_of_a_job_ends_with_its_exit_code_and_without_the_interpreters_shutdown(
+    tmp_path: Path, args: list[str], code: int
+) -> None:
+    """torch 2.14's gloo workers abort a process whose interpreter is shutting down while they
+    release a collective's tensors: a rank of a several-process job skips that shutdown. One
+    process (or a rank of a one-process job) shuts down as any program does."""
+    script = textwrap.dedent(f"""
+        import atexit, sys
+        import cnnkit.training.strategy  # what a training session imports
+        from cnnkit.cli.app import main
+        atexit.register(lambda: print("interpreter shut down", flush=True))
+        sys.argv = ["cnnkit", *{args!r}]
+        main()
+    """)
+    base = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    for world, shut_down in (("2", False), ("1", True), (None, True)):
+        ranks = {"WORLD_SIZE": world, "RANK": "1" if world == "2" else "0", "LOCAL_RANK": "0"} if world else {}
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                              env={**base, **ranks}, cwd=tmp_path)  # fmt: skip
+        assert done.returncode == code, (world, done.stderr)
+        assert ("interpreter shut down" in done.stdout) == shut_down, (world, done.stdout[-300:])
+        assert done.stdout.strip() or code, "a rank's output is flushed before it ends"

@@ -74,7 +74,16 @@ def main() -> None:
     except KeyboardInterrupt:
         # Ctrl-C outside any command body (while parsing or importing): exit 130, not by signal.
         _common.settle_interrupt()
-        sys.exit(130)
+        _exit(130)
     except SystemExit as done:
         # `cnnkit ... | head -1`: the reader leaving early is a normal end, not an error.
-        sys.exit(_common.finish_output(done.code))
+        _exit(_common.finish_output(done.code))
+
+
+def _exit(code: int | str | None) -> None:
+    # Only a process that ran a training session can be a rank of a job; the others (--help,
+    # summary) need not import torch to learn that they are not.
+    strategy = sys.modules.get("cnnkit.training.strategy")
+    if strategy is not None:
+        strategy.end_rank(code)
+    sys.exit(code)

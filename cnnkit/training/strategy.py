@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -39,6 +40,7 @@ __all__ = [
     "under_torchrun",
     "torchrun_processes",
     "elastic_run_id",
+    "end_rank",
 ]
 
 T = TypeVar("T")
@@ -295,6 +297,31 @@ class DistributedDataParallelStrategy(Strategy):
             f"rank {self.rank}: lost contact with another process of the job ({_first_line(exc)}): it failed "
             "(its own error says why) or did not answer within --dist-timeout seconds"
         )
+
+
+def end_rank(code: int | str | None) -> None:
+    """End the ``cnnkit`` program with ``code`` when it is one of several processes of a job, without
+    the interpreter's shutdown (as multiprocessing ends its children); otherwise return.
+
+    Why: torch 2.14's gloo process group outlives ``destroy_process_group`` (nothing from Python can
+    join its worker threads), and a worker that is still releasing its last collective's tensors
+    needs the GIL; when the interpreter is already shutting down, that thread is stopped mid-C++ and
+    the process aborts (SIGABRT, "terminate called without an active exception") after a run that
+    finished. Streams are flushed first; nothing else of a finished rank's is left to clean up.
+    A rank forked by ``cnnkit train --nproc`` returns: multiprocessing, which started it, hands its
+    outcome to the launcher and ends it so already.
+    """
+    import multiprocessing
+
+    if torchrun_processes() < 2 or multiprocessing.parent_process() is not None:
+        return
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code or 0)
 
 
 def _read_ranks() -> tuple[int, int, int]:
