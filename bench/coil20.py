@@ -60,9 +60,16 @@ def _settings(row: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted((row.get("set") or {}).items()))
 
 
+def _protocol(row: dict[str, Any]) -> str:
+    """How a row was trained: ``val`` (10% of each object's training images held out), or ``test``
+    for rows from before the validation carve (trained on all of them; no ``protocol`` recorded)."""
+    return str(row.get("protocol") or "test")
+
+
 def _key(row: dict[str, Any]) -> tuple[Any, ...]:
+    # The protocol is part of the settings: a run with the carve does not repeat one without it.
     return (row["model"], row["split"], row["seed"], row["epochs"], row["input_size"], row["recipe"], row["batch_size"],
-            _settings(row))  # fmt: skip
+            _settings(row), _protocol(row))  # fmt: skip
 
 
 def parse_sets(pairs: list[str], model: str) -> dict[str, Any]:
@@ -158,7 +165,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     """One line per (model, epochs, input, batch, recipe, --set): each split's median final accuracy and time."""
     groups: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        group = (row["model"], row["epochs"], row["input_size"], row["batch_size"], row["recipe"], _settings(row))
+        group = (row["model"], row["epochs"], row["input_size"], row["batch_size"], row["recipe"], _settings(row),
+                 _protocol(row))  # fmt: skip
         groups[group][row["split"]].append(row)
     order = {name: i for i, name in enumerate(MODELS)}
     lines = [
@@ -166,7 +174,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "`pose-block` test acc: median (seeds) | time/run |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for (model, epochs, side, batch, recipe, sets), by_split in sorted(
+    for (model, epochs, side, batch, recipe, sets, protocol), by_split in sorted(
         groups.items(), key=lambda g: (order.get(g[0][0], 99), g[0])
     ):
         cells = []
@@ -185,6 +193,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         label = f"`{model}`" + "".join(f" `-o {k}={str(v).lower()}`" for k, v in options.items())
         label += "" if recipe == "default" else f" (`--recipe {recipe}`)"
         label += settings_label({"set": dict(sets)})
+        label += " (no val carve)" if protocol == "test" else ""  # trained on every training image
         lines.append(f"| {label} | {side} | {batch} | {epochs} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -272,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                     probe = {"model": model, "split": split, "seed": seed, "epochs": args.epochs,
                              "input_size": side, "recipe": args.recipe,
                              "batch_size": args.batch_size or REGISTRY.get(model).recipe.batch_size,
-                             "set": sets[model]}  # fmt: skip
+                             "set": sets[model], "protocol": "val"}  # fmt: skip
                     if _key(probe) in done:
                         print(f"{model} {split} seed {seed}: already recorded, skipped", flush=True)
                         continue

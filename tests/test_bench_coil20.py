@@ -53,11 +53,22 @@ def test_set_is_part_of_the_key_and_old_rows_key_as_none(coil20: Any) -> None:
     assert coil20._key(_row(set={"lr": 0.02, "ema": 0.999})) == coil20._key(_row(set={"ema": 0.999, "lr": 0.02}))
 
 
+def test_the_validation_protocol_is_part_of_the_key_and_of_the_table(coil20: Any) -> None:
+    """A run with the validation carve is not skipped because one without it (older rows, which
+    record no protocol) had the same settings, and the table keeps the two apart."""
+    old, carved = _row(), _row(protocol="val")
+    assert coil20._key(old) != coil20._key(carved)
+    assert coil20._key(carved) == coil20._key(_row(protocol="val", final=0.5))
+    lines = coil20.table([old, carved]).splitlines()
+    assert len(lines) == 4
+    assert sorted(line.split(" | ")[0] for line in lines[2:]) == ["| `lenet`", "| `lenet` (no val carve)"]
+
+
 def test_table_keeps_rows_with_different_sets_apart(coil20: Any) -> None:
     rows = [_row(seed=s, final=0.9) for s in range(3)]  # recorded before --set
-    rows += [_row(seed=s, final=0.95, set={"augment": "crop-flip", "ema": 0.999}) for s in range(3)]
+    rows += [_row(seed=s, final=0.95, set={"augment": "crop-flip", "ema": 0.999}, protocol="val") for s in range(3)]
     lines = coil20.table(rows).splitlines()
     assert len(lines) == 4
-    assert lines[2].startswith("| `lenet` | 64 | 32 | 10 | not run |  | **0.900**")
+    assert lines[2].startswith("| `lenet` (no val carve) | 64 | 32 | 10 | not run |  | **0.900**")
     assert lines[3].startswith("| `lenet` `--set augment=crop-flip` `--set ema=0.999` | 64 | 32 | 10 |")
     assert "**0.950**" in lines[3]

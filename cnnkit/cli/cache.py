@@ -54,8 +54,9 @@ def clear(
     ] = None,
 ) -> None:
     """Remove cached decoded images (all, or those not used for DAYS days); they are rebuilt when needed."""
-    from cnnkit.data.cache_admin import clear_cache, human_bytes
+    from cnnkit.data.cache_admin import clear_cache
     from cnnkit.data.locate import decoded_cache
+    from cnnkit.units import human_bytes
 
     if older_than is not None and older_than < 0:
         raise UsageError(f"--older-than must be a number of days >= 0, got {older_than:g}")

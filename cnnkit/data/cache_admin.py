@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.data.locate import decoded_cache
-from cnnkit.data.store import META_FILE, human_bytes, read_meta, stores_folder
+from cnnkit.data.store import META_FILE, read_meta, stores_folder
+from cnnkit.units import human_bytes
 
-__all__ = ["CacheEntry", "cache_entries", "cache_report", "clear_cache", "human_bytes"]
+__all__ = ["CacheEntry", "cache_entries", "cache_report", "clear_cache"]
 
 DAY = 86400.0
 STALE_BUILD = 3600.0

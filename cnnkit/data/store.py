@@ -63,12 +63,12 @@ import numpy as np
 import torch
 
 from cnnkit.data.locate import decoded_cache
-from cnnkit.data.store_build import ARRAY_FILE, FORMAT, META_FILE, Build, Decoded, human_bytes, mean_std, write_meta
+from cnnkit.data.store_build import ARRAY_FILE, FORMAT, META_FILE, Build, Decoded, mean_std, write_meta
 from cnnkit.errors import DataError
 from cnnkit.image_files import RESIZE_MODES, ResizeMode
 
 __all__ = [
-    "ARRAY_FILE", "FORMAT", "META_FILE", "ResizeMode", "StoredImages", "human_bytes", "store_key", "stored_images",
+    "ARRAY_FILE", "FORMAT", "META_FILE", "ResizeMode", "StoredImages", "store_key", "stored_images",
     "stores_folder",
 ]  # fmt: skip
 

@@ -35,8 +35,9 @@ from cnnkit._version import __version__
 from cnnkit.errors import CnnkitError
 from cnnkit.fs import fsync_dir
 from cnnkit.image_files import ResizeMode
+from cnnkit.units import human_bytes
 
-__all__ = ["ARRAY_FILE", "FORMAT", "META_FILE", "Build", "Decoded", "human_bytes", "mean_std", "write_meta"]
+__all__ = ["ARRAY_FILE", "FORMAT", "META_FILE", "Build", "Decoded", "mean_std", "write_meta"]
 
 FORMAT = 2
 """Version of the entry layout and its pixels (2: OpenCV resizing); in the key: a new one never reads an old entry."""
@@ -428,15 +429,6 @@ def _common_folder(paths: Sequence[Path]) -> str | None:
     except ValueError:
         return None
     return os.fsencode(common).decode("utf-8", "backslashreplace")
-
-
-def human_bytes(count: float) -> str:
-    """Bytes as text: ``1.5 GB`` (powers of 1024, the units ``du -h`` uses)."""
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if count < 1024 or unit == "TB":
-            return f"{count:,.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
 
 
 def _duration(seconds: float) -> str:

@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from cnnkit.errors import UsageError
+from cnnkit.units import human_bytes as human_bytes  # the one format, importable from here as before
 
 Shape = tuple[int, ...] | tuple[tuple[int, ...], ...]
 """One output's shape, or one shape per tensor for modules that return several."""
@@ -32,14 +33,6 @@ def human_count(value: float, unit: str = "") -> str:
         if abs(value) >= threshold:
             return f"{value / threshold:.2f} {prefix}{unit}"
     return f"{value:g} {unit}".rstrip()
-
-
-def human_bytes(value: float) -> str:
-    """``23_935_208`` -> ``"22.83 MiB"`` (powers of 1024)."""
-    for threshold, unit in ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
-        if abs(value) >= threshold:
-            return f"{value / threshold:.2f} {unit}"
-    return f"{int(value)} B"
 
 
 def _format_shape(shape: Shape | None) -> str:
