@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(line, flush=True)
     if args.json:
-        figures = {"model": args.model, "options": args.options, "recipe": args.recipe, "epochs": args.epochs,
+        # The --set overrides too: a recorded figure names everything that made it.
+        figures = {"model": args.model, "options": args.options, "set": args.set, "recipe": args.recipe, "epochs": args.epochs,
                    "target": args.target, "median_final_test": statistics.median(finals),
                    "median_best_test": statistics.median(bests), "seeds": seeds}  # fmt: skip
         _write_json(args.json, figures)

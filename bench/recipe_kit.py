@@ -201,9 +201,19 @@ def speed(args: argparse.Namespace) -> int:
     if args.baseline:
         # The checkout before the kit knows augment only as true/false.
         rows["all off, before the kit"] = (args.baseline, {"augment": False, "label_smoothing": 0.0})
+    if args.rows is not None:
+        unknown = sorted(set(args.rows) - set(rows))
+        if unknown:
+            raise SystemExit(f"unknown rows {unknown}; rows: {', '.join(rows)}")
+        rows = {name: row for name, row in rows.items() if name == "all off" or name in args.rows}
     rates: dict[str, list[float]] = {name: [] for name in rows}
-    for _ in range(args.repeats):
-        for name, (tree, changes) in rows.items():  # interleaved: drift in the machine's load hits every row
+    names = list(rows)
+    for repeat in range(args.repeats):
+        # Interleaved, so that drift in the machine's speed hits every row, and each repeat starts
+        # one row later, so that no row always runs first (all off did, and read faster than an
+        # identical all-off row of another tree by a tenth).
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            tree, changes = rows[name]
             spec = json.dumps({"model": args.model, "changes": changes, "examples": args.examples,
                                "threads": args.threads, "epochs": 2})  # fmt: skip
             env = {**os.environ, "PYTHONPATH": str(tree or Path(__file__).resolve().parent.parent)}
@@ -211,17 +221,24 @@ def speed(args: argparse.Namespace) -> int:
                                   env=env, check=True)  # fmt: skip
             rates[name].append(float(done.stdout.strip().splitlines()[-1]))
             print(f"{name:28s} {rates[name][-1]:8.0f} ex/s", flush=True)
-    off = statistics.median(rates["all off"])
+    # Each repeat's ratio to the all-off run of the same repeat, then the median: the machine's
+    # speed drifts by a quarter over minutes here, and neighbouring runs drift together.
+    paired = {name: [v / off for v, off in zip(values, rates["all off"], strict=True)] for name, values in rates.items()}
     lines = [f"# Recipe kit speed: {args.model}, Fashion-MNIST 28 px ({args.examples} training images), CPU, "
              f"{args.threads} thread(s)", "",
              f"Each row: a fresh process trains two one-epoch runs and keeps the faster (the first warms up); "
-             f"median over {args.repeats} interleaved repeats; the trainer's own clock (training only). Load "
+             f"median over {args.repeats} interleaved repeats, each starting one row later; the trainer's own clock (training only); 'vs all "
+             f"off': the median over the repeats of the row's rate over the same repeat's all-off rate, and their "
+             f"range (the machine's noise: rows that change nothing differ by as much). Load "
              f"average at the end: {os.getloadavg()[0]:.1f} on 2 cores.", "",
-             "| row | examples/s | vs all off |", "|---|---|---|"]  # fmt: skip
+             "| row | examples/s | vs all off | range over the repeats |", "|---|---|---|---|"]  # fmt: skip
     for name, values in rates.items():
-        lines.append(f"| {name} | {statistics.median(values):.0f} | {statistics.median(values) / off:.2f}x |")
+        ratio = paired[name]
+        lines.append(f"| {name} | {statistics.median(values):.0f} | {statistics.median(ratio):.2f}x | "
+                     f"{min(ratio):.2f}-{max(ratio):.2f}x |")
     text = "\n".join(lines) + "\n"
-    (RESULTS / f"recipe-kit-speed-{args.model}.md").write_text(text, encoding="utf-8")
+    if args.rows is None:  # a subset is printed only: the committed table has every row
+        (RESULTS / f"recipe-kit-speed-{args.model}.md").write_text(text, encoding="utf-8")
     print(text)
     return 0
 
@@ -276,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     fast.add_argument("--threads", type=int, default=2)
     fast.add_argument("--examples", type=int, default=20000, help="training images per epoch")
     fast.add_argument("--baseline", default=None, metavar="TREE", help="also time all-off in this checkout")
+    fast.add_argument("--rows", nargs="*", default=None, help="only these rows and 'all off' (printed, not saved)")
     same = sub.add_parser("compare")
     same.add_argument("--model", default="lenet_bn")
     same.add_argument("--repeats", type=int, default=6)

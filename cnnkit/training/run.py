@@ -123,6 +123,7 @@ def _drive(
     handlers: Iterable[tuple[Events, Handler]], strategy: Strategy, resumes: tuple[Any, ...] = (),
     replanned: bool = False,
 ) -> RunResult:  # fmt: skip
+    from cnnkit.allocator import keep_freed_memory
     from cnnkit.options import parse_options
     from cnnkit.registry import TRAINERS
     from cnnkit.training import finetune
@@ -169,6 +170,8 @@ def _drive(
     if saved is not None:
         model.load_state_dict(saved.model)
     model.to(device)
+    if device.type == "cpu":  # the batches' temporaries reused, not faulted in again (cnnkit.allocator)
+        keep_freed_memory()
     amp = _amp_dtype(config, device)
     meta = weights_meta(config, data, validation)
     if init_from is not None:
