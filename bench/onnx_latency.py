@@ -6,6 +6,7 @@ writes, and that float32 graph against its int8 form (``--quantize int8``) for t
     python bench/onnx_latency.py googlenet:96 densenet:96  # MODEL:SIDE, 1 channel, 10 classes
     python bench/onnx_latency.py --int8 runs/a runs/b      # + float32 vs int8 of trained runs
     python bench/onnx_latency.py --int8 runs/a --only-int8
+    python bench/onnx_latency.py --int8 runs/a --only-int8 --full-range   # + full-range int8 weights
 
 First table: each model gets random weights (latency does not depend on their values), is
 exported in memory exactly as the CLI exports it (:func:`cnnkit.onnx_export.model_to_onnx`), and
@@ -126,8 +127,9 @@ def _session(source: str, threads: int) -> Any:
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def bench_int8(run: str, threads: int, repeats: int) -> list[dict[str, Any]]:
-    """float32 and int8 files of one trained run: size, test top-1, ms/image at each of INT8_BATCHES."""
+def bench_int8(run: str, threads: int, repeats: int, full_range: bool = False) -> list[dict[str, Any]]:
+    """float32 and int8 files of one trained run: size, test top-1, ms/image at each of INT8_BATCHES
+    (``full_range``: also an int8 file with full-range weights, which the CLI no longer writes)."""
     import tempfile
     from pathlib import Path
 
@@ -145,10 +147,14 @@ def bench_int8(run: str, threads: int, repeats: int) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="onnx-bench-") as folder:
         float_file, int8_file = Path(folder) / "float32.onnx", Path(folder) / "int8.onnx"
         export_onnx(weights, float_file)
+        files = {"float32": float_file, "int8": int8_file}
         int8 = export_int8(weights, int8_file)
-        sessions = {"float32": _session(str(float_file), threads), "int8": _session(str(int8_file), threads)}
-        sizes = {"float32": float_file.stat().st_size, "int8": int8_file.stat().st_size}
-    top1 = {"float32": int8.float_top1, "int8": int8.int8_top1}
+        top1 = {"float32": int8.float_top1, "int8": int8.int8_top1}
+        if full_range:
+            files["int8, 8-bit weights"] = Path(folder) / "int8-full.onnx"
+            top1["int8, 8-bit weights"] = export_int8(weights, files["int8, 8-bit weights"], weight_bits=8).int8_top1
+        sessions = {name: _session(str(file), threads) for name, file in files.items()}
+        sizes = {name: file.stat().st_size for name, file in files.items()}
     test = recorded_splits(weights, meta).test.images
     times: dict[tuple[str, int], float] = {}
     for batch in INT8_BATCHES:
@@ -165,7 +171,7 @@ def bench_int8(run: str, threads: int, repeats: int) -> list[dict[str, Any]]:
     return [
         {"model": meta.model, "side": meta.input_size, "precision": name, "mb": sizes[name] / 1e6, "top1": top1[name],
          "dataset": meta.dataset, "ms": [times[name, b] for b in INT8_BATCHES]}
-        for name in ("float32", "int8")
+        for name in files
     ]  # fmt: skip
 
 
@@ -176,6 +182,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats per case (default: 7)")
     parser.add_argument("--int8", nargs="+", default=[], metavar="RUN", help="trained runs: float32 vs int8 graphs")
     parser.add_argument("--only-int8", action="store_true", help="skip the PyTorch vs ONNX Runtime table")
+    parser.add_argument("--full-range", action="store_true",
+                        help="also int8 with full-range (8-bit) weights, against the 7-bit ones the CLI writes")  # fmt: skip
     args = parser.parse_args()
 
     import onnxruntime as ort
@@ -207,7 +215,7 @@ def main() -> None:
         print(f"| model | input | graph | file MB | test top-1 | {columns} |")
         print("|---" * (5 + len(INT8_BATCHES)) + "|")
         for run in args.int8:
-            for row in bench_int8(run, args.threads, args.repeats):
+            for row in bench_int8(run, args.threads, args.repeats, args.full_range):
                 times = " | ".join(f"{ms:.3f}" for ms in row["ms"])
                 print(
                     f"| `{row['model']}` | {row['side']} px | {row['precision']} | {row['mb']:.2f} | "
