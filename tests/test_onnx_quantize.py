@@ -1,6 +1,6 @@
-"""``cnnkit export RUN --out FILE.onnx --quantize int8``: a QDQ graph with per-channel int8 weights (7-bit range),
-calibrated on the run's own training images through its preprocessing, whose test top-1 is
-measured against the float32 graph's; a drop over 1 point warns, or fails with ``--max-drop``.
+"""``cnnkit export RUN --out FILE.onnx --quantize int8``: a QDQ graph with per-channel int8 weights
+(7-bit range), calibrated on the run's own training images through its preprocessing, whose test
+top-1 is measured against the float32 graph's; a drop over 1 point warns, or fails with ``--max-drop``.
 
 A randomised LeNet-BN recording a tiny Fashion-MNIST-format folder is quantised once for the fast
 tests (its top-1 is near chance, but both graphs' top-1 must still be what ``cnnkit eval``
