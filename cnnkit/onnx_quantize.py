@@ -141,9 +141,9 @@ def _reader(calibration: Calibration) -> Any:
     return Batches()
 
 
-def quantize_graph(data: bytes, calibration: Calibration, *, weight_bits: int = 7) -> bytes:
+def quantize_graph(data: bytes, calibration: Calibration, *, full_range_weights: bool = False) -> bytes:
     """The int8 QDQ form of a float32 graph, calibrated on ``calibration`` (metadata not carried over);
-    ``weight_bits`` 8 uses the weights' full range (see the module's docstring: only to compare)."""
+    7-bit weights unless ``full_range_weights`` (see the module's docstring: only to compare)."""
     onnx = require("onnx", "--quantize")
     quantization = require("onnxruntime.quantization", "--quantize")
     with tempfile.TemporaryDirectory(prefix="cnnkit-int8-") as folder:
@@ -151,7 +151,7 @@ def quantize_graph(data: bytes, calibration: Calibration, *, weight_bits: int = 
         with quiet():  # the quantiser logs its advice and progress
             quantization.quantize_static(
                 onnx.load_from_string(data), out, _reader(calibration),
-                quant_format=quantization.QuantFormat.QDQ, per_channel=True, reduce_range=weight_bits == 7,
+                quant_format=quantization.QuantFormat.QDQ, per_channel=True, reduce_range=not full_range_weights,
                 activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
                 calibrate_method=quantization.CalibrationMethod.MinMax,
             )  # fmt: skip
@@ -259,7 +259,7 @@ def export_int8(
 
     graph = export_graph(model, meta)
     result: OnnxCheck | None = verified(graph.data, model, meta, file, target, check, tolerance, unchecked)
-    int8 = quantize_graph(graph.data, calibration, weight_bits=weight_bits)
+    int8 = quantize_graph(graph.data, calibration, full_range_weights=weight_bits == 8)
     float_top1 = int8_top1 = drop = None
     evaluated_on = None
     if splits is not None:
