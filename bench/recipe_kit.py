@@ -15,6 +15,12 @@ stopped; ``--fresh`` starts over); ``table`` writes ``bench/results/recipe-kit.m
 ``speed`` times one training epoch of each row (val off, so only the loop counts; interleaved
 repeats, median examples/s of the trainer's own clock) and prints each row's ratio to the row with
 every knob off.
+
+``loader`` times the training loader alone (its batches, no model), each row in this tree and in
+``--baseline TREE`` (an earlier checkout of cnnkit with the kit, e.g. the previous commit), in fresh
+interleaved processes: what a change to the augmentation code saves per batch, without the model's
+step and its noise around it. ``--same-process`` holds both trees' loaders in one process per row
+and alternates their epochs, for differences smaller than the noise between processes.
 """
 
 from __future__ import annotations
@@ -269,6 +275,155 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+_LOADER_WORKER = """
+import json, statistics, sys, time, torch
+spec = json.loads(sys.argv[1])
+torch.set_num_threads(spec["threads"])
+from cnnkit.allocator import keep_freed_memory
+keep_freed_memory()  # as a CPU training run does
+from cnnkit.config import resolve_config
+from cnnkit.data import load_dataset
+from cnnkit.data.augment import Augmentation
+from cnnkit.data.batches import BatchLoader
+from cnnkit.protocols import ImageTensors
+data = load_dataset("fashion-mnist", None, input_size=28)
+n = spec["examples"]
+split = ImageTensors(data.train.images[:n].clone(), data.train.labels[:n].clone())
+config = resolve_config(overrides={"model": spec["model"], "device": "cpu", **spec["changes"]})
+# The training loader exactly as the run driver builds it (cnnkit.training.context).
+loader = BatchLoader(split, batch_size=config.batch_size, image_size=28, mean=data.mean, std=data.std, shuffle=True,
+                     augmentation=Augmentation.from_config(config, len(data.classes)), seed=config.seed)
+times = []
+for epoch in range(spec["epochs"]):
+    started, batches = time.perf_counter(), 0
+    for _ in loader.epoch(epoch):
+        batches += 1
+    times.append((time.perf_counter() - started) / batches * 1000)
+print(json.dumps([statistics.median(times[1:]), config.batch_size]))  # the first epoch imports and warms up
+"""
+
+_PAIRED_WORKER = """
+import importlib.util, json, statistics, sys, time, torch
+spec = json.loads(sys.argv[1])
+torch.set_num_threads(spec["threads"])
+from cnnkit.allocator import keep_freed_memory
+keep_freed_memory()
+from cnnkit.config import resolve_config
+from cnnkit.data import load_dataset
+from cnnkit.data import augment, batches
+from cnnkit.protocols import ImageTensors
+def baseline(name):  # the baseline tree's module, under a private name, beside this tree's
+    found = importlib.util.spec_from_file_location("baseline_" + name, spec["baseline"] + "/cnnkit/data/" + name + ".py")
+    module = importlib.util.module_from_spec(found)
+    sys.modules[found.name] = module
+    found.loader.exec_module(module)
+    return module
+old_augment, old_batches = baseline("augment"), baseline("batches")
+data = load_dataset("fashion-mnist", None, input_size=28)
+n = spec["examples"]
+split = ImageTensors(data.train.images[:n].clone(), data.train.labels[:n].clone())
+config = resolve_config(overrides={"model": spec["model"], "device": "cpu", **spec["changes"]})
+loaders = {
+    tree: loader_class(split, batch_size=config.batch_size, image_size=28, mean=data.mean, std=data.std, shuffle=True,
+                       augmentation=plan.from_config(config, len(data.classes)), seed=config.seed)
+    for tree, loader_class, plan in (("this tree", batches.BatchLoader, augment.Augmentation),
+                                     ("baseline", old_batches.BatchLoader, old_augment.Augmentation))
+}
+times = {tree: [] for tree in loaders}
+for epoch in range(spec["epochs"]):
+    for tree in (list(loaders) if epoch % 2 else list(loaders)[::-1]):  # neither always first
+        started, count = time.perf_counter(), 0
+        for _ in loaders[tree].epoch(epoch):
+            count += 1
+        times[tree].append((time.perf_counter() - started) / count * 1000)
+print(json.dumps({tree: statistics.median(values[2:]) for tree, values in times.items()}))
+"""
+
+LOADER_ROWS = ("all off", "crop-flip", "trivial", "randaugment", "random_erasing 0.25", "mixup 0.2", "cutmix 1.0",
+               "every knob on")  # fmt: skip
+
+
+def loader(args: argparse.Namespace) -> int:
+    """ms per training batch of the loader alone, this tree against ``--baseline``, per row."""
+    if args.same_process:
+        return _loader_paired(args)
+    changes = _loader_changes()
+    trees = {"this tree": str(Path(__file__).resolve().parent.parent), "baseline": args.baseline}
+    times: dict[tuple[str, str], list[float]] = {(row, tree): [] for row in LOADER_ROWS for tree in trees}
+    batch = 0
+    for repeat in range(args.repeats):
+        for row in LOADER_ROWS:
+            # Alternated, so that neither tree always runs first.
+            for tree in list(trees) if repeat % 2 == 0 else list(trees)[::-1]:
+                spec = json.dumps({"model": args.model, "changes": changes[row], "examples": args.examples,
+                                   "threads": args.threads, "epochs": 4})  # fmt: skip
+                done = subprocess.run([sys.executable, "-c", _LOADER_WORKER, spec], capture_output=True, text=True,
+                                      env={**os.environ, "PYTHONPATH": trees[tree]}, check=True)  # fmt: skip
+                ms, batch = json.loads(done.stdout.strip().splitlines()[-1])
+                times[row, tree].append(float(ms))
+            print(f"{row:22s} " + "  ".join(f"{tree} {times[row, tree][-1]:.3f}" for tree in trees), flush=True)
+    baseline = subprocess.run(["git", "-C", args.baseline, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=False).stdout.strip() or args.baseline  # fmt: skip
+    lines = [f"# Recipe kit loader: {args.model}'s training batches alone, Fashion-MNIST 28 px ({args.examples} "
+             f"images), CPU, {args.threads} thread(s)", "",
+             f"Each cell: ms per batch of {batch} images (a fresh process iterates the training "
+             f"loader for 4 epochs, the median of the last 3), median over {args.repeats} interleaved repeats; "
+             f"'baseline' is commit {baseline}. Load average at the end: {os.getloadavg()[0]:.1f} on 2 cores.", "",
+             "| row | this tree | baseline | saved per batch |", "|---|---|---|---|"]  # fmt: skip
+    for row in LOADER_ROWS:
+        now, before = statistics.median(times[row, "this tree"]), statistics.median(times[row, "baseline"])
+        lines.append(f"| {row} | {now:.3f} | {before:.3f} | {before - now:+.3f} ms |")
+    text = "\n".join(lines) + "\n"
+    (RESULTS / f"recipe-kit-loader-{args.model}.md").write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+def _loader_paired(args: argparse.Namespace) -> int:
+    """``loader --same-process``: each row in one process holding both trees' loaders (the
+    baseline's ``augment.py`` and ``batches.py``, the rest of cnnkit this tree's), their epochs
+    alternated; the median over the epochs after the first two. Fresh processes differ by +-30% here,
+    wider than most of what a change to these two files saves; epochs of one process by a few %."""
+    changes = _loader_changes()
+    results = {}
+    for row in LOADER_ROWS:
+        spec = json.dumps({"model": args.model, "changes": changes[row], "examples": args.examples,
+                           "threads": args.threads, "epochs": 2 + 2 * args.repeats, "baseline": args.baseline})  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", _PAIRED_WORKER, spec], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+                              check=True)  # fmt: skip
+        results[row] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{row:22s} {results[row]}", flush=True)
+    baseline = subprocess.run(["git", "-C", args.baseline, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=False).stdout.strip() or args.baseline  # fmt: skip
+    lines = ["", f"## In one process ({args.repeats} epochs each, alternated; baseline {baseline}'s augment.py and "
+             f"batches.py; load {os.getloadavg()[0]:.1f})", "",
+             "| row | this tree | baseline | saved per batch |", "|---|---|---|---|"]  # fmt: skip
+    for row, result in results.items():
+        lines.append(f"| {row} | {result['this tree']:.3f} | {result['baseline']:.3f} | "
+                     f"{result['baseline'] - result['this tree']:+.3f} ms |")  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    with (RESULTS / f"recipe-kit-loader-{args.model}.md").open("a", encoding="utf-8") as out:
+        out.write(text)
+    print(text)
+    return 0
+
+
+def _timing(parser: argparse.ArgumentParser, repeats: int) -> argparse.ArgumentParser:
+    """The options every timing command takes."""
+    parser.add_argument("--model", default="lenet_bn")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--examples", type=int, default=20000, help="training images per epoch")
+    return parser
+
+
+def _loader_changes() -> dict[str, dict[str, Any]]:
+    """Each loader row's config changes."""
+    return {"all off": dict(OFF), **{name: {**OFF, **ROWS[name]} for name in LOADER_ROWS if name in ROWS},
+            "every knob on": {**OFF, **EVERYTHING}}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_one"]:  # a worker process of `ablation`
@@ -287,13 +442,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--rows", nargs="*", default=None, help="only these rows (default: all)")
     run.add_argument("--fresh", action="store_true", help="forget the runs already logged")
     sub.add_parser("table")
-    fast = sub.add_parser("speed")
-    fast.add_argument("--model", default="lenet_bn")
-    fast.add_argument("--repeats", type=int, default=3)
-    fast.add_argument("--threads", type=int, default=2)
-    fast.add_argument("--examples", type=int, default=20000, help="training images per epoch")
+    fast = _timing(sub.add_parser("speed"), repeats=3)
     fast.add_argument("--baseline", default=None, metavar="TREE", help="also time all-off in this checkout")
     fast.add_argument("--rows", nargs="*", default=None, help="only these rows and 'all off' (printed, not saved)")
+    batches = _timing(sub.add_parser("loader"), repeats=5)
+    batches.add_argument("--baseline", required=True, metavar="TREE", help="an earlier checkout of cnnkit with the kit")
+    batches.add_argument("--same-process", action="store_true",
+                         help="both trees' loaders in one process per row (appended to the table)")
     same = sub.add_parser("compare")
     same.add_argument("--model", default="lenet_bn")
     same.add_argument("--repeats", type=int, default=6)
@@ -301,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     same.add_argument("--examples", type=int, default=12000)
     same.add_argument("--baseline", required=True, metavar="TREE", help="the checkout to compare with")
     args = parser.parse_args(argv)
-    return {"ablation": ablation, "table": table, "speed": speed, "compare": compare}[args.command](args)
+    commands = {"ablation": ablation, "table": table, "speed": speed, "loader": loader, "compare": compare}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

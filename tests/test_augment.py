@@ -77,7 +77,7 @@ def test_randaugment_applies_n_operations_at_magnitude_m() -> None:
     plan = Augmentation(mode="randaugment", randaugment_ops=3, randaugment_magnitude=30)
     draws = plan.draw(16, 16, torch.Generator().manual_seed(1))
     assert draws["op"].shape == (16, 3)
-    rotations = draws["value"][draws["op"] == _OPS.index("Rotate")]
+    rotations = plan.magnitudes(draws, 16)[draws["op"] == _OPS.index("Rotate")]
     assert rotations.numel() == 0 or (rotations.abs() == 30).all()  # the top bin of RandAugment's 30 degrees
 
 
@@ -99,8 +99,8 @@ def test_mixup_blends_each_image_with_its_mirror_and_mixes_the_labels() -> None:
     plan = Augmentation(mixup=0.4, num_classes=4)
     x, y = images(6), torch.tensor([0, 1, 2, 3, 0, 1])
     draws = plan.draw(6, 16, torch.Generator().manual_seed(3))
-    mixed, target = plan.mix(x, y, (x.flip(0), y.flip(0)), draws)
-    lam = float(draws["batch_lam"])
+    mixed, target = plan.mix(x, y, (x.flip(0), y.flip(0)), [(draws, 6)])
+    lam = plan.mixing_of(draws)[1]
     assert torch.allclose(mixed, lam * x + (1 - lam) * x.flip(0), atol=1e-6)
     assert torch.allclose(target.sum(1), torch.ones(6)) and torch.allclose(target[0, 0], torch.tensor(lam))
     assert torch.allclose(target[0, 1], torch.tensor(1 - lam))  # image 0's partner is image 5 (class 1)
@@ -111,16 +111,38 @@ def test_cutmix_pastes_a_box_of_the_partner_and_weighs_labels_by_its_area() -> N
     x, y = images(4, 1, 32), torch.tensor([0, 1, 2, 3])
     for seed in range(20):
         draws = plan.draw(4, 32, torch.Generator().manual_seed(seed))
-        assert bool(draws["batch_cutmix"])
-        mixed, target = plan.mix(x, y, (x.flip(0), y.flip(0)), draws)
+        assert plan.mixing_of(draws)[0]
+        mixed, target = plan.mix(x, y, (x.flip(0), y.flip(0)), [(draws, 4)])
         pasted = (mixed != x).flatten(1).float().mean(1)
         assert torch.allclose(target[:, y.flip(0)].diagonal(), pasted, atol=0.02)
 
 
 def test_with_mixup_and_cutmix_each_batch_takes_one_of_the_two() -> None:
     plan = Augmentation(mixup=0.2, cutmix=1.0, num_classes=2)
-    chosen = [bool(plan.draw(4, 8, torch.Generator().manual_seed(s))["batch_cutmix"]) for s in range(60)]
+    chosen = [plan.mixing_of(plan.draw(4, 8, torch.Generator().manual_seed(s)))[0] for s in range(60)]
     assert 15 < sum(chosen) < 45
+
+
+def test_mixing_consecutive_batches_gives_each_its_own_lambda_or_box() -> None:
+    # The loader mixes a chunk of batches in one call: each batch's rows must get that batch's draws.
+    plan = Augmentation(mixup=0.4, cutmix=1.0, num_classes=5)
+    draws = [plan.draw(4, 16, torch.Generator().manual_seed(s)) for s in range(12)]
+    cut = [d for d in draws if plan.mixing_of(d)[0]][:2]
+    blend = [d for d in draws if not plan.mixing_of(d)[0]][:2]
+    batches = [(blend[0], 4), (cut[0], 3), (blend[1], 2), (cut[1], 4)]
+    x, y = images(13, 1, 16), torch.arange(13) % 5
+    partner = (images(13, 1, 16, seed=1), (torch.arange(13) + 2) % 5)
+    mixed, target = plan.mix(x, y, partner, batches)
+    start = 0
+    for batch_draws, count in batches:
+        rows = slice(start, start + count)
+        start += count
+        alone, alone_target = plan.mix(x[rows], y[rows], (partner[0][rows], partner[1][rows]), [(batch_draws, count)])
+        assert torch.equal(mixed[rows], alone) and torch.equal(target[rows], alone_target)
+    lam = plan.mixing_of(blend[0])[1]
+    assert torch.allclose(mixed[:4], lam * x[:4] + (1 - lam) * partner[0][:4], atol=1e-6)
+    pasted = mixed[4:7] == partner[0][4:7]
+    assert pasted.any() and (mixed[4:7][~pasted] == x[4:7][~pasted]).all()  # cutmix: the partner's box, else x
 
 
 KIT: list[dict[str, Any]] = [

@@ -292,23 +292,39 @@ class BatchLoader:
                         if partners:
                             mine.append(plan.rows(batch_draws, slice(size - high, size - low)))
                 images = plan.apply(images, plan.concat(mine), normalize=normalize, pad_value=self._pad)
+            # This process's rows of each batch: consecutive in the chunk, each batch followed by its
+            # partner rows when mixing with several processes.
+            counts = [high - low for _, _, low, high in group if low < high]
+            if plan.mixing:
+                mixed = [batch_draws for batch_draws, (_, _, low, high) in zip(draws, group, strict=True) if low < high]
+                images, labels = self._mixed(images, labels, counts, mixed, partners)
             offset = 0
-            for index, (_, size, low, high) in enumerate(group):
-                if low == high:
-                    continue
-                n = high - low
+            for n in counts:
                 x, y = images[offset : offset + n], labels[offset : offset + n]
                 offset += n
-                if plan.mixing:
-                    if partners:  # the rows paired with these, gathered and augmented after them
-                        other, other_labels = images[offset : offset + n].flip(0), labels[offset : offset + n].flip(0)
-                        offset += n
-                    else:
-                        other, other_labels = x.flip(0), y.flip(0)
-                    x, y = plan.mix(x, y, (other, other_labels), draws[index])
                 if self.channels_last:  # a no-op on a slice of a channels-last chunk
                     x = x.contiguous(memory_format=torch.channels_last)
                 yield x, y
+
+    def _mixed(
+        self, images: torch.Tensor, labels: torch.Tensor, counts: list[int], draws: list[Any], partners: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk's batches mixed, each row with its mirror in its global batch (stage 5 of
+        :mod:`cnnkit.data.augment`): one gather of the mirrors for the chunk, not a flip per batch. Without ``partners`` a batch's own rows are its
+        mirrors (row j with n-1-j); with them, each batch's n rows are followed by the n rows they
+        pair with, in order, and the result keeps only the own rows."""
+        own, mirrored, offset = [], [], 0
+        for n in counts:
+            mirror_start = offset + n if partners else offset
+            own.append(torch.arange(offset, offset + n))
+            mirrored.append(torch.arange(mirror_start + n - 1, mirror_start - 1, -1))
+            offset += 2 * n if partners else n
+        mirror = torch.cat(mirrored).to(images.device)
+        partner = (images.index_select(0, mirror), labels.index_select(0, mirror))
+        if partners:
+            rows = torch.cat(own).to(images.device)
+            images, labels = images.index_select(0, rows), labels.index_select(0, rows)
+        return self.augmentation.mix(images, labels, partner, list(zip(draws, counts, strict=True)))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of epoch 0 (evaluation loaders neither shuffle nor augment)."""
