@@ -133,9 +133,9 @@ class Augmentation:
         ``side`` px. The order of the draws is fixed (crop-flip first, as it always was).
 
         Only the generator's own calls happen here, once per batch; what follows from them (the
-        flip and erase decisions, the operations' signed magnitudes) is worked
-        out once per chunk of batches in :meth:`apply`: the derived ops were two thirds of a batch's
-        draws, at ~10 us of fixed cost each."""
+        flip and erase decisions, the operations' signed magnitudes) is worked out once per chunk
+        of batches in :meth:`apply`: the derived ops were two thirds of a batch's draws, at ~10 us
+        of fixed cost each."""
         draws: Draws = {}
         if self.mode != "none":
             pad = max(1, round(side / 8))
@@ -405,8 +405,8 @@ def _affine(x: torch.Tensor, ops: torch.Tensor, values: torch.Tensor) -> torch.T
 
 
 def _erase(x: torch.Tensor, draws: Draws, probability: float) -> torch.Tensor:
-    """Random erasing, in place: each chosen image's box set to 0 (after normalisation: the dataset's mean).
-    Only the chosen images (a quarter at p = 0.25) are copied out, masked and put back: a mask and
+    """Random erasing, in place: each chosen image's box set to 0 (after normalisation: the
+    dataset's mean). Only the chosen images (a quarter at p = 0.25) are copied out, masked and put back: a mask and
     a fill over the whole chunk cost 2.5x more."""
     _, _, h, w = x.shape
     chosen = (draws["erase_u"] < probability).nonzero().view(-1)

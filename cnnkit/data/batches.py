@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnnkit.data.augment import Augmentation
+from cnnkit.data.augment import Augmentation, Draws
 from cnnkit.data.resizing import enlarge_planes, enlarges, resize_uint8, resized_bytes, to_float
 from cnnkit.protocols import ImageTensors
 
@@ -307,12 +307,13 @@ class BatchLoader:
                 yield x, y
 
     def _mixed(
-        self, images: torch.Tensor, labels: torch.Tensor, counts: list[int], draws: list[Any], partners: bool
+        self, images: torch.Tensor, labels: torch.Tensor, counts: list[int], draws: list[Draws], partners: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A chunk's batches mixed, each row with its mirror in its global batch (stage 5 of
-        :mod:`cnnkit.data.augment`): one gather of the mirrors for the chunk, not a flip per batch. Without ``partners`` a batch's own rows are its
-        mirrors (row j with n-1-j); with them, each batch's n rows are followed by the n rows they
-        pair with, in order, and the result keeps only the own rows."""
+        :mod:`cnnkit.data.augment`): one gather of the mirrors for the chunk, not a flip per batch.
+        Without ``partners`` a batch's own rows are its mirrors (row j with n-1-j); with them, each
+        batch's n rows are followed by the n rows they pair with, in order, and the result keeps
+        only the own rows."""
         own, mirrored, offset = [], [], 0
         for n in counts:
             mirror_start = offset + n if partners else offset
