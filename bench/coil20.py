@@ -4,13 +4,17 @@
     python bench/coil20.py --models lenet,alexnet --seeds 3 --epochs 10
     python bench/coil20.py --models vgg16 --splits pose-block --seeds 1 --epochs 3
     python bench/coil20.py --models lenet --splits pose-block --set augment=crop-flip --set ema=0.999
+    python bench/coil20.py --models lenet --splits pose-block-0,pose-block --input-size recipe
     python bench/coil20.py --table                             # only print the table of what was recorded
 
 Each run trains with cnnkit's own run driver (what ``cnnkit train`` runs), with the model's default
 recipe at 64 px (or the smallest side above it the model accepts: AlexNet needs 65), on one of two
 splits of the 1,440 images: ``random`` (the seed project's seeded 9:1 split, stratified per object;
 the split itself is fixed, the training seed varies) and ``pose-block`` (poses 60-71 of every
-object held out: viewpoints never seen in training). Every finished run is appended to
+object held out: viewpoints never seen in training), or ``pose-block-0`` (poses 0-11 held out: the
+block to choose a recipe on without looking at the reported one). ``--input-size recipe`` trains at
+the size the model's recipe gives COIL-20 (its ``per_dataset`` changes), with the recipe's batch
+unless ``--batch-size`` says otherwise. Every finished run is appended to
 ``--record`` (JSON lines), so the benchmark can be run in pieces and a run already recorded with
 the same settings is skipped; the markdown table of everything recorded (median final-epoch test
 accuracy over the seeds, each seed's, and the median wall time of one run) goes to stdout and
@@ -42,7 +46,14 @@ MODELS: dict[str, dict[str, Any]] = {
     "resnet50": {},
     "efficientnet_b0": {},
 }
-SPLITS = ("random", "pose-block")
+# The bench's split names -> the coil20 dataset's options. "pose-block-0" holds out poses 0-11
+# instead of 60-71: a block to choose a recipe on, so that the reported pose-block is never used to
+# choose (the turntable is a circle, so the two blocks are the same task on other viewpoints).
+SPLITS: dict[str, dict[str, Any]] = {
+    "random": {"split": "random"},
+    "pose-block": {"split": "pose-block"},
+    "pose-block-0": {"split": "pose-block", "block_start": 0},
+}
 HERE = Path(__file__).resolve().parent
 
 
@@ -66,10 +77,18 @@ def _protocol(row: dict[str, Any]) -> str:
     return str(row.get("protocol") or "test")
 
 
+def hyperparameters(row: dict[str, Any]) -> str:
+    """What a row trained with, whatever the split and seed: its resolved config line after the
+    recipe's name, less the seed. Part of the key because a recipe changes under the same flags
+    (LeNet's peak rate went from 0.01 to 0.05, and COIL-20 got a recipe of its own)."""
+    tokens = str(row.get("config", "")).split(": ", 1)[-1].split(" · ")
+    return " · ".join(t for t in tokens if not t.startswith("seed "))
+
+
 def _key(row: dict[str, Any]) -> tuple[Any, ...]:
     # The protocol is part of the settings: a run with the carve does not repeat one without it.
     return (row["model"], row["split"], row["seed"], row["epochs"], row["input_size"], row["recipe"], row["batch_size"],
-            _settings(row), _protocol(row))  # fmt: skip
+            _settings(row), _protocol(row), hyperparameters(row))  # fmt: skip
 
 
 def parse_sets(pairs: list[str], model: str) -> dict[str, Any]:
@@ -117,30 +136,30 @@ def input_side(model: str, options: dict[str, Any], wanted: int) -> int:
     return max(wanted, smallest_input_size(REGISTRY.get(model), in_channels=1, num_classes=20, options=options))
 
 
-def run_one(
-    model: str,
-    split: str,
-    seed: int,
-    epochs: int,
-    side: int,
-    recipe: str,
-    batch_size: int | None,
-    data: Any,
+def run_config(
+    model: str, split: str, seed: int, epochs: int, side: int, recipe: str, batch_size: int | None,
     sets: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    import torch
-
-    from cnnkit.config import describe_config, resolve_config
-    from cnnkit.training.run import train
+) -> Any:
+    """The TrainConfig of one run: the model's recipe on COIL-20 with the bench's settings."""
+    from cnnkit.config import resolve_config
 
     overrides = {"model": model, "recipe": recipe, "epochs": epochs, "input_size": side, "dataset": "coil20",
-                 "dataset_options": {"split": split}, "seed": seed, "device": "cpu", "quiet": True}  # fmt: skip
+                 "dataset_options": dict(SPLITS[split]), "seed": seed, "device": "cpu", "quiet": True}  # fmt: skip
     if batch_size is not None:
         overrides["batch_size"] = batch_size
     if MODELS.get(model):
         overrides["model_options"] = dict(MODELS[model])
     overrides.update(sets or {})
-    config = resolve_config(overrides=overrides)
+    return resolve_config(overrides=overrides)
+
+
+def run_one(config: Any, split: str, data: Any, sets: dict[str, Any] | None = None) -> dict[str, Any]:
+    import torch
+
+    from cnnkit.config import describe_config
+    from cnnkit.training.run import train
+
+    model, seed, epochs, side, recipe = config.model, config.seed, config.epochs, config.input_size, config.recipe
     with tempfile.TemporaryDirectory() as folder:
         config = config.model_copy(update={"out": str(Path(folder) / "run")})
         started = time.perf_counter()
@@ -166,19 +185,26 @@ def table(rows: list[dict[str, Any]]) -> str:
     groups: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         group = (row["model"], row["epochs"], row["input_size"], row["batch_size"], row["recipe"], _settings(row),
-                 _protocol(row))  # fmt: skip
+                 _protocol(row), hyperparameters(row))  # fmt: skip
         groups[group][row["split"]].append(row)
+    # Groups that share every flag but trained under different recipes (the recipe changed between
+    # them) are told apart by the hyperparameters only one of them has.
+    twins: dict[tuple[Any, ...], list[str]] = defaultdict(list)
+    for group in groups:
+        twins[group[:-1]].append(group[-1])
     order = {name: i for i, name in enumerate(MODELS)}
+    # the reported splits always; the selection block where a row has it
+    shown = ["random", "pose-block"] + (["pose-block-0"] if any(r["split"] == "pose-block-0" for r in rows) else [])
     lines = [
-        "| model | input | batch | epochs | `random` test acc: median (seeds) | time/run | "
-        "`pose-block` test acc: median (seeds) | time/run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | input | batch | epochs | "
+        + " | ".join(f"`{split}` test acc: median (seeds) | time/run" for split in shown) + " |",
+        "|---|---|---|---|" + "---|---|" * len(shown),
     ]
-    for (model, epochs, side, batch, recipe, sets, protocol), by_split in sorted(
+    for (model, epochs, side, batch, recipe, sets, protocol, hyper), by_split in sorted(
         groups.items(), key=lambda g: (order.get(g[0][0], 99), g[0])
     ):
         cells = []
-        for split in SPLITS:
+        for split in shown:
             runs = sorted(by_split.get(split, []), key=lambda r: r["seed"])
             if not runs:
                 cells += ["not run", ""]
@@ -194,6 +220,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         label += "" if recipe == "default" else f" (`--recipe {recipe}`)"
         label += settings_label({"set": dict(sets)})
         label += " (no val carve)" if protocol == "test" else ""  # trained on every training image
+        others = [h for h in twins[(model, epochs, side, batch, recipe, sets, protocol)] if h != hyper]
+        if others:
+            theirs = {t for h in others for t in h.split(" · ")}
+            label += " (recipe: " + " · ".join(t for t in hyper.split(" · ") if t not in theirs) + ")"
         lines.append(f"| {label} | {side} | {batch} | {epochs} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -232,11 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the arguments, train what is not yet recorded, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default: {','.join(MODELS)})")
-    parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated: random, pose-block")
+    parser.add_argument("--splits", default="random,pose-block", help=f"comma-separated: {', '.join(SPLITS)}")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1 (default 3)")
     parser.add_argument("--first-seed", type=int, default=0, help="start at this seed (to add seeds later)")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--input-size", type=int, default=64, help="square side; raised to a model's smallest")
+    parser.add_argument("--input-size", default="64",
+                        help="square side, raised to a model's smallest; 'recipe': the recipe's size on COIL-20")  # fmt: skip
     parser.add_argument("--recipe", default="default", choices=["default", "d2l"])
     parser.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the recipe's)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -247,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="the COIL-20 folder (default: $CNNKIT_DATA/coil-20)")
     parser.add_argument("--record", type=Path, default=HERE / "results" / "coil20-runs.jsonl",
                         help="JSON lines of finished runs (read to skip, appended to)")  # fmt: skip
-    parser.add_argument("--markdown", type=Path, default=HERE / "results" / "coil20.md", help="table output")
+    parser.add_argument("--markdown", default=str(HERE / "results" / "coil20.md"),
+                        help="table output ('': print only)")  # fmt: skip
     parser.add_argument("--note", action="append", default=[], help="a paragraph to add under the table")
     parser.add_argument("--table", action="store_true", help="train nothing; print the table of what is recorded")
     args = parser.parse_args(argv)
@@ -255,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table:
         import torch
 
+        from cnnkit.config import describe_config
         from cnnkit.data import load_dataset
         from cnnkit.registry import MODELS as REGISTRY
 
@@ -274,20 +307,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"torch {torch.__version__} · {torch.get_num_threads()} threads · nice {os.nice(0)}", flush=True)
         done = {_key(r) for r in read_record(args.record)}
         for split in splits:
-            data = load_dataset("coil20", args.data, split=split)
+            data = load_dataset("coil20", args.data, **SPLITS[split])
             for model in models:
-                side = input_side(model, MODELS.get(model, {}), args.input_size)
+                own = REGISTRY.get(model).recipe.on("coil20")
+                asked = own.input_size if args.input_size == "recipe" else int(args.input_size)
+                side = input_side(model, MODELS.get(model, {}), asked)
                 for seed in range(args.first_seed, args.first_seed + args.seeds):
+                    config = run_config(model, split, seed, args.epochs, side, args.recipe, args.batch_size, sets[model])
                     probe = {"model": model, "split": split, "seed": seed, "epochs": args.epochs,
-                             "input_size": side, "recipe": args.recipe,
-                             "batch_size": args.batch_size or REGISTRY.get(model).recipe.batch_size,
-                             "set": sets[model], "protocol": "val"}  # fmt: skip
+                             "input_size": side, "recipe": args.recipe, "batch_size": config.batch_size,
+                             "set": sets[model], "protocol": "val", "config": describe_config(config)}  # fmt: skip
                     if _key(probe) in done:
                         print(f"{model} {split} seed {seed}: already recorded, skipped", flush=True)
                         continue
-                    row = run_one(
-                        model, split, seed, args.epochs, side, args.recipe, args.batch_size, data, sets[model]
-                    )
+                    row = run_one(config, split, data, sets[model])
                     append_record(args.record, row)
                     print(
                         f"{model} {split} seed {seed} ({row['config']}): val acc per epoch "
@@ -302,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         from cnnkit.fs import atomic_write
 
         document = report(read_record(args.record), text, args.note)
-        atomic_write(args.markdown, lambda tmp: tmp.write_text(document, encoding="utf-8"))
+        atomic_write(Path(args.markdown), lambda tmp: tmp.write_text(document, encoding="utf-8"))
     return 0
 
 

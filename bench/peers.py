@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CNNKIT_CACHE"] = env["CNNKIT_CACHE"]
         source = load_dataset("fashion-mnist", args.data).source
         for model in models:
-            px = MODELS.get(model).recipe.input_size
+            px = MODELS.get(model).recipe.on("fashion-mnist").input_size
             n = examples.get(model)
             if n is None:
                 data_dir, shown = source, "all"

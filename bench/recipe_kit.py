@@ -182,14 +182,16 @@ from cnnkit.config import resolve_config
 from cnnkit.data import load_dataset
 from cnnkit.protocols import ImageTensors
 from cnnkit.training.run import train
-data = load_dataset("fashion-mnist", None, input_size=28)
+px = spec["input_size"]
+data = load_dataset("fashion-mnist", None, input_size=px)  # as a run loads it (28 px, resized per batch)
 n = spec["examples"]
 data.train = ImageTensors(data.train.images[:n].clone(), data.train.labels[:n].clone())
 rates = []
 with tempfile.TemporaryDirectory() as folder:
     for epoch in range(spec["epochs"]):
         config = resolve_config(overrides={"model": spec["model"], "epochs": 1, "quiet": True, "device": "cpu",
-                                           "val_fraction": 0, "out": f"{folder}/{epoch}", **spec["changes"]})
+                                           "val_fraction": 0, "out": f"{folder}/{epoch}", "input_size": px,
+                                           **spec["changes"]})
         rates.append(train(config, data=data).examples_per_s)
 print(json.dumps(max(rates[1:] or rates)))
 """
@@ -221,7 +223,7 @@ def speed(args: argparse.Namespace) -> int:
         for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
             tree, changes = rows[name]
             spec = json.dumps({"model": args.model, "changes": changes, "examples": args.examples,
-                               "threads": args.threads, "epochs": 2})  # fmt: skip
+                               "threads": args.threads, "epochs": 2, "input_size": args.input_size})  # fmt: skip
             env = {**os.environ, "PYTHONPATH": str(tree or Path(__file__).resolve().parent.parent)}
             done = subprocess.run([sys.executable, "-c", _SPEED_WORKER, spec], capture_output=True, text=True,
                                   env=env, check=True)  # fmt: skip
@@ -230,7 +232,7 @@ def speed(args: argparse.Namespace) -> int:
     # Each repeat's ratio to the all-off run of the same repeat, then the median: the machine's
     # speed drifts by a quarter over minutes here, and neighbouring runs drift together.
     paired = {name: [v / off for v, off in zip(values, rates["all off"], strict=True)] for name, values in rates.items()}
-    lines = [f"# Recipe kit speed: {args.model}, Fashion-MNIST 28 px ({args.examples} training images), CPU, "
+    lines = [f"# Recipe kit speed: {args.model}, Fashion-MNIST {args.input_size} px ({args.examples} training images), CPU, "
              f"{args.threads} thread(s)", "",
              f"Each row: a fresh process trains two one-epoch runs and keeps the faster (the first warms up); "
              f"median over {args.repeats} interleaved repeats, each starting one row later; the trainer's own clock (training only); 'vs all "
@@ -243,8 +245,11 @@ def speed(args: argparse.Namespace) -> int:
         lines.append(f"| {name} | {statistics.median(values):.0f} | {statistics.median(ratio):.2f}x | "
                      f"{min(ratio):.2f}-{max(ratio):.2f}x |")
     text = "\n".join(lines) + "\n"
-    if args.rows is None:  # a subset is printed only: the committed table has every row
-        (RESULTS / f"recipe-kit-speed-{args.model}.md").write_text(text, encoding="utf-8")
+    # A subset is printed only unless --out names a file: the committed table has every row.
+    size = "" if args.input_size == 28 else f"-{args.input_size}px"
+    out = Path(args.out) if args.out else RESULTS / f"recipe-kit-speed-{args.model}{size}.md" if args.rows is None else None
+    if out is not None:
+        out.write_text(text, encoding="utf-8")
     print(text)
     return 0
 
@@ -258,7 +263,7 @@ def compare(args: argparse.Namespace) -> int:
     for _ in range(args.repeats):
         for name, (tree, changes) in rows.items():
             spec = json.dumps({"model": args.model, "changes": changes, "examples": args.examples,
-                               "threads": args.threads, "epochs": 3})  # fmt: skip
+                               "threads": args.threads, "epochs": 3, "input_size": 28})  # fmt: skip
             done = subprocess.run([sys.executable, "-c", _SPEED_WORKER, spec], capture_output=True, text=True,
                                   env={**os.environ, "PYTHONPATH": tree}, check=True)  # fmt: skip
             rates[name].append(float(done.stdout.strip().splitlines()[-1]))
@@ -444,7 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("table")
     fast = _timing(sub.add_parser("speed"), repeats=3)
     fast.add_argument("--baseline", default=None, metavar="TREE", help="also time all-off in this checkout")
-    fast.add_argument("--rows", nargs="*", default=None, help="only these rows and 'all off' (printed, not saved)")
+    fast.add_argument("--rows", nargs="*", default=None,
+                      help="only these rows and 'all off' (printed, not saved unless --out)")  # fmt: skip
+    fast.add_argument("--input-size", type=int, default=28, help="the side images are stored and trained at")
+    fast.add_argument("--out", default=None, help="write the table here (default: results/recipe-kit-speed-MODEL[-SIZEpx].md)")
     batches = _timing(sub.add_parser("loader"), repeats=5)
     batches.add_argument("--baseline", required=True, metavar="TREE", help="an earlier checkout of cnnkit with the kit")
     batches.add_argument("--same-process", action="store_true",

@@ -4,7 +4,8 @@ A run's config is resolved in layers, each overriding the one before only where 
 something:
 
 1. the model spec's recipe (``--recipe default``: as the spec writes it; ``d2l``: the seed's,
-   derived from the same spec by :meth:`cnnkit.protocols.Recipe.named`),
+   derived from the same spec by :meth:`cnnkit.protocols.Recipe.named`), with the spec's changes
+   for the run's dataset (:meth:`cnnkit.protocols.Recipe.on`),
 2. a TOML or JSON file (``--config run.toml``; a run's own ``config.json`` works too),
 3. the command-line options that were actually given.
 
@@ -149,11 +150,12 @@ but its length (``epochs``: the schedule is re-planned from where it is, never u
 restart (``lr``: a short warm-up to it, then the annealing to the end)."""
 
 
-def recipe_values(model: str, recipe: str = "default") -> dict[str, Any]:
-    """The config keys recipe ``recipe`` fills for registered ``model``, read from its spec."""
+def recipe_values(model: str, recipe: str = "default", dataset: str | None = None) -> dict[str, Any]:
+    """The config keys recipe ``recipe`` fills for registered ``model`` on ``dataset``, read from its
+    spec (with the spec's ``per_dataset`` changes for that dataset)."""
     from cnnkit.registry import MODELS
 
-    return {**MODELS.get(model).recipe.named(recipe).model_dump(), "recipe": recipe}
+    return {**MODELS.get(model).recipe.on(dataset).named(recipe).model_dump(), "recipe": recipe}
 
 
 def _valid_keys() -> str:
@@ -255,7 +257,8 @@ def resolve_config(
     if recipe not in RECIPE_NAMES:
         where = "command line" if "recipe" in given else source
         raise UsageError(f"{where}: recipe = {recipe!r} is not a recipe; use {' or '.join(RECIPE_NAMES)}")
-    base = recipe_values(str(model), recipe)
+    dataset = merged.get("dataset", TrainConfig.model_fields["dataset"].default)
+    base = recipe_values(str(model), recipe, dataset if isinstance(dataset, str) else None)
     # Validate the file alone first so that its errors name the file, then the whole.
     if layered:
         _validate({**base, "model": model, **layered}, source)

@@ -16,31 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 __all__ = [
-    "HYPERPARAMETER_KEYS",
-    "AugmentMode",
-    "FINETUNE_LR_FACTOR",
-    "FINETUNE_WARMUP",
-    "RecipeName",
-    "RECIPE_NAMES",
-    "Hyperparameters",
-    "Recipe",
-    "ModelSpec",
-    "model_head",
-    "ImageTensors",
-    "DatasetSplits",
-    "DatasetSpec",
-    "Batches",
-    "TrainingRun",
-    "RunResult",
-    "REQUIRED_METRICS",
-    "Trainer",
+    "HYPERPARAMETER_KEYS", "AugmentMode", "FINETUNE_LR_FACTOR", "FINETUNE_WARMUP", "RecipeName",
+    "RECIPE_NAMES", "Hyperparameters", "Recipe", "ModelSpec", "model_head", "ImageTensors", "DatasetSplits",
+    "DatasetSpec", "Batches", "TrainingRun", "RunResult", "REQUIRED_METRICS", "Trainer",
 ]
 
 AugmentMode = Literal["none", "crop-flip", "trivial", "randaugment"]
@@ -129,11 +114,12 @@ class Recipe(Hyperparameters):
     """How a model trains by default (``--recipe default``), and what the seed used (``--recipe d2l``).
 
     A model spec's recipe is used exactly as written. The ``d2l`` recipe is derived from it: the
-    same epochs, batch and input size, the seed's optimiser and learning rate, and nothing else
+    same epochs and batch, the seed's input size, optimiser and learning rate, and nothing else
     (no momentum, weight decay, schedule, smoothing, augmentation, mixing, EMA, clipping or
     normalisation; Xavier init).
     The ``finetune`` recipe too: the default one with a tenth of its peak rate, a short warm-up
     (half an epoch, whatever the schedule) and the model's own initialisation (no Xavier).
+    ``per_dataset`` changes the recipe on a named dataset before any of them is derived.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -142,6 +128,21 @@ class Recipe(Hyperparameters):
         None, gt=0, description="Learning rate of the seed's (d2l) recipe; None: the same as lr."
     )
     seed_optimizer: Literal["sgd", "adamw"] = Field("sgd", description="Optimiser of the seed's (d2l) recipe.")
+    seed_input_size: int | None = Field(None, gt=0, description="Input size of the seed's recipe; None: input_size.")
+    per_dataset: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "Changes on the dataset of that name, e.g. {'coil20': {'input_size': 48}}; all three recipes derive from them."))
+
+    @model_validator(mode="after")
+    def _changes_valid(self) -> Recipe:
+        """A typo or a bad value in ``per_dataset`` fails where the spec is built, naming the key."""
+        for dataset in self.per_dataset:
+            self.on(dataset)
+        return self
+
+    def on(self, dataset: str | None) -> Recipe:
+        """This recipe as it trains on ``dataset``: its ``per_dataset`` changes applied (itself when none)."""
+        changes = self.per_dataset.get(dataset or "")
+        return Recipe(**{**self.model_dump(exclude={"per_dataset"}), **changes}) if changes else self
 
     def named(self, name: str) -> Hyperparameters:
         """The hyperparameters of recipe ``name`` (one of :data:`RECIPE_NAMES`)."""
@@ -154,7 +155,7 @@ class Recipe(Hyperparameters):
             return Hyperparameters(**{**own, "lr": self.lr * FINETUNE_LR_FACTOR, "warmup": FINETUNE_WARMUP,
                                       "init": "default"})  # fmt: skip
         return Hyperparameters(
-            epochs=self.epochs, batch_size=self.batch_size, input_size=self.input_size,
+            epochs=self.epochs, batch_size=self.batch_size, input_size=self.seed_input_size or self.input_size,
             optimizer=self.seed_optimizer, lr=self.seed_lr or self.lr, momentum=0.0, nesterov=False,
             weight_decay=0.0, schedule="constant", warmup=0.0, label_smoothing=0.0, augment="none",
             normalize=False, init="xavier",

@@ -72,3 +72,23 @@ def test_table_keeps_rows_with_different_sets_apart(coil20: Any) -> None:
     assert lines[2].startswith("| `lenet` (no val carve) | 64 | 32 | 10 | not run |  | **0.900**")
     assert lines[3].startswith("| `lenet` `--set augment=crop-flip` `--set ema=0.999` | 64 | 32 | 10 |")
     assert "**0.950**" in lines[3]
+
+
+def test_rows_under_a_changed_recipe_are_not_skipped_or_merged(coil20: Any) -> None:
+    """The same flags under two recipes (LeNet's rate changed; COIL-20 got its own recipe) are two
+    runs: neither is skipped as the other's, and the table labels each with what only it had."""
+    then = "recipe default: 10 epochs · batch 32 · adamw lr 0.01 wd 0.01 · 64 px · seed 0"
+    now = "recipe default: 10 epochs · batch 32 · adamw lr 0.05 wd 0.01 · 64 px · seed 1"
+    old, new = _row(protocol="val", config=then), _row(protocol="val", config=now)
+    assert coil20._key(old) != coil20._key({**new, "seed": 0})
+    assert coil20.hyperparameters(old) == "10 epochs · batch 32 · adamw lr 0.01 wd 0.01 · 64 px"
+    lines = coil20.table([old, new]).splitlines()
+    assert len(lines) == 4
+    assert "(recipe: adamw lr 0.01 wd 0.01)" in lines[2] + lines[3]
+    assert "(recipe: adamw lr 0.05 wd 0.01)" in lines[2] + lines[3]
+
+
+def test_the_selection_block_gets_a_column_only_when_it_ran(coil20: Any) -> None:
+    assert "pose-block-0" not in coil20.table([_row()])
+    header = coil20.table([_row(), _row(split="pose-block-0")]).splitlines()[0]
+    assert header.count("test acc") == 3 and "`pose-block-0` test acc" in header

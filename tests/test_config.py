@@ -124,7 +124,8 @@ FANCY_PLUGIN = """
         name="fancy", summary="a plugin net with its own recipe", paper="none",
         recipe=Recipe(input_size=40, batch_size=48, epochs=7, optimizer="sgd", lr=0.3, momentum=0.8, nesterov=True,
                       weight_decay=1e-4, schedule="onecycle", warmup=0.5, label_smoothing=0.05, augment=True,
-                      normalize=False, init="xavier", seed_lr=0.002, seed_optimizer="adamw"),
+                      normalize=False, init="xavier", seed_lr=0.002, seed_optimizer="adamw",
+                      per_dataset={"coil20": {"input_size": 64, "lr": 0.05, "batch_size": 16}}),
         options=NoOptions, builder=lambda c, k, o: nn.Sequential(nn.Flatten(), nn.LazyLinear(k)),
     )
 """
@@ -157,11 +158,81 @@ def test_d2l_recipe_of_a_plugin_honours_its_seed_optimizer(fancy_plugin) -> None
     assert (config.schedule, config.weight_decay, config.augment, config.normalize) == ("constant", 0.0, "none", False)
 
 
+def test_a_recipes_per_dataset_changes_apply_on_that_dataset_only(fancy_plugin) -> None:  # type: ignore[no-untyped-def]
+    coil = resolve_config(overrides={"model": "fancy", "dataset": "coil20"})
+    assert (coil.input_size, coil.lr, coil.batch_size) == (64, 0.05, 16)
+    assert (coil.momentum, coil.epochs, coil.init) == (0.8, 7, "xavier")  # the rest as the spec writes it
+    fashion = resolve_config(overrides={"model": "fancy"})
+    assert (fashion.input_size, fashion.lr, fashion.batch_size) == (40, 0.3, 48)
+
+
+def test_a_file_and_the_command_line_override_the_per_dataset_changes(  # type: ignore[no-untyped-def]
+    fancy_plugin, tmp_path: Path
+) -> None:
+    file = tmp_path / "run.toml"
+    file.write_text('model = "fancy"\ndataset = "coil20"\nlr = 0.01\n')
+    config = resolve_config(file, {"batch_size": 8})
+    assert (config.lr, config.batch_size, config.input_size) == (0.01, 8, 64)
+
+
+def test_the_derived_recipes_start_from_the_dataset_changes(fancy_plugin) -> None:  # type: ignore[no-untyped-def]
+    d2l = resolve_config(overrides={"model": "fancy", "dataset": "coil20", "recipe": "d2l"})
+    assert (d2l.input_size, d2l.batch_size, d2l.lr, d2l.optimizer) == (64, 16, 0.002, "adamw")  # seed_lr kept
+    finetune = resolve_config(overrides={"model": "fancy", "dataset": "coil20", "recipe": "finetune"})
+    assert finetune.lr == pytest.approx(0.005) and finetune.input_size == 64
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [({"coil20": {"lr": -1}}, "lr"), ({"coil20": {"learning_rate": 0.1}}, "learning_rate")],
+)
+def test_a_bad_per_dataset_change_fails_where_the_spec_is_built(changes, message: str) -> None:  # type: ignore[no-untyped-def]
+    from pydantic import ValidationError
+
+    from cnnkit.protocols import Recipe
+
+    with pytest.raises(ValidationError, match=message):
+        Recipe(per_dataset=changes)
+
+
+def test_lenet_trains_coil20_with_its_own_recipe() -> None:
+    """The COIL-20 recipe measured in bench/results/coil20.md: larger images and a batch that gives
+    COIL-20's 1,200 training images more than ten steps an epoch."""
+    spec = MODELS.get("lenet").recipe
+    coil = resolve_config(overrides={"model": "lenet", "dataset": "coil20"})
+    for key, value in spec.per_dataset["coil20"].items():
+        assert getattr(coil, key) == value, key
+    assert coil.input_size > spec.input_size and coil.batch_size < spec.batch_size
+    fashion = resolve_config(overrides={"model": "lenet"})
+    assert (fashion.input_size, fashion.lr) == (spec.input_size, spec.lr)
+
+
 @pytest.mark.parametrize("name", MODELS.names())
 def test_builtin_recipes_come_from_their_specs(name: str) -> None:
     spec = MODELS.get(name)
     default = resolve_config(overrides={"model": name})
     d2l = resolve_config(overrides={"model": name, "recipe": "d2l"})
+    recipe = spec.recipe.on(default.dataset)  # with its changes for the default dataset, if any
     for key in RECIPE_KEYS:
-        assert getattr(default, key) == getattr(spec.recipe, key), key
-    assert (d2l.lr, d2l.optimizer, d2l.init) == (spec.recipe.seed_lr or spec.recipe.lr, spec.recipe.seed_optimizer, "xavier")
+        assert getattr(default, key) == getattr(recipe, key), key
+    assert (d2l.lr, d2l.optimizer, d2l.init) == (recipe.seed_lr or recipe.lr, recipe.seed_optimizer, "xavier")
+    assert d2l.input_size == (recipe.seed_input_size or recipe.input_size)
+
+
+def test_list_models_long_shows_a_recipes_dataset_changes() -> None:
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["list", "models", "lenet", "--long"])
+    assert result.exit_code == 0 and "recipe on coil20: input_size=48" in result.stdout
+    result = CliRunner().invoke(app, ["list", "models", "lenet", "--long", "--format", "json"])
+    assert json.loads(result.stdout)[0]["per_dataset"]["coil20"]["input_size"] == 48
+
+
+def test_bn_lenet_trains_fashion_mnist_upsampled_and_d2l_keeps_28_px() -> None:
+    """bench/results/recipe-screen-lenet_bn.md: 56 px measured better on Fashion-MNIST; the seed's
+    recipe is d2l's, at the native 28 px, on any dataset."""
+    fashion = resolve_config(overrides={"model": "lenet_bn"})
+    assert fashion.input_size == 56
+    assert resolve_config(overrides={"model": "lenet_bn", "dataset": "coil20"}).input_size == 28
+    assert resolve_config(overrides={"model": "lenet_bn", "recipe": "d2l"}).input_size == 28
+    assert resolve_config(overrides={"model": "lenet_bn", "input_size": 28}).input_size == 28

@@ -79,6 +79,20 @@ def test_pose_block_holds_out_poses_60_to_71(coil: Path) -> None:
     assert len(splits.train) == 1200 and len(splits.test) == 240
 
 
+@pytest.mark.parametrize(("start", "held"), [(0, range(12)), (66, [66, 67, 68, 69, 70, 71, 0, 1, 2, 3, 4, 5])])
+def test_pose_block_start_moves_the_held_out_block_round_the_turntable(coil: Path, start: int, held) -> None:
+    splits = load_dataset("coil20", coil, split="pose-block", block_start=start)
+    assert set(encoded(splits.test.images)[1]) == set(held)
+    assert set(encoded(splits.train.images)[1]) == set(range(72)) - set(held)
+    assert torch.bincount(splits.test.labels).tolist() == [12] * 20
+
+
+def test_pose_block_start_outside_the_poses_is_a_usage_error(coil: Path, runner) -> None:
+    result = runner.invoke(app, ["data", "info", "coil20", "--data", str(coil), "-d", "split=pose-block",
+                                      "-d", "block_start=72"])
+    assert result.exit_code == 2 and "block_start" in result.stderr and "72" in result.stderr
+
+
 def test_alternate_split_takes_odd_poses_for_test(coil: Path) -> None:
     splits = load_dataset("coil20", coil, split="alternate")
     assert all(p % 2 == 1 for p in encoded(splits.test.images)[1])

@@ -26,6 +26,8 @@ def _details(registry: Registry[Any], name: str) -> dict[str, Any]:
     recipe = getattr(obj, "recipe", None)
     if recipe is not None:
         row["input_size"] = recipe.input_size
+        if getattr(recipe, "per_dataset", None):
+            row["per_dataset"] = recipe.per_dataset  # the recipe's changes on those datasets
     classes = getattr(obj, "classes", None)
     if classes:
         row["classes"] = len(classes)
@@ -62,6 +64,9 @@ def _show(registry: Registry[Any], pattern: str | None, long: bool, fmt: Format)
         options = ", ".join(f"{k}={v['default']!r}" for k, v in r.get("options", {}).items())
         extra = f"  {r.get('input_size', '')!s:>4}  {r.get('summary', '')}" if long else ""
         extra += f" (options: {options})" if long and options else ""
+        tuned = "; ".join(f"{d}: " + ", ".join(f"{k}={v}" for k, v in changes.items())
+                          for d, changes in r.get("per_dataset", {}).items())  # fmt: skip
+        extra += f" (recipe on {tuned})" if long and tuned else ""
         provider = "" if r["provider"] == "cnnkit" else f"  [{r['provider']} {r['version']}]"
         typer.echo(f"{r['name']:<{width}}{extra}{provider}".rstrip())
 

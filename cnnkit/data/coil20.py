@@ -6,7 +6,9 @@ from the file NAME (the seed project derived labels from file order, which silen
 whenever the listing order changes). Three splits:
 
 - ``random``: seeded, stratified per object, 9:1 as in the seed project (the default),
-- ``pose-block``: poses 0-59 train, 60-71 test (held-out viewpoints),
+- ``pose-block``: poses 0-59 train, 60-71 test (held-out viewpoints); ``block_start`` moves the
+  12 held-out poses round the circle (0: poses 0-11), so a recipe can be chosen on one block and
+  reported on another,
 - ``alternate``: even poses train, odd poses test.
 """
 
@@ -30,6 +32,7 @@ __all__ = ["COIL20", "Coil20", "Coil20Options", "parse_name"]
 
 _NAME = re.compile(r"^obj(\d+)__(\d+)\.png$", re.IGNORECASE)
 OBJECTS, POSES = 20, 72
+BLOCK = 12  # pose-block's held-out poses: 60 degrees of the turntable
 HOW_TO_GET = "put the 1,440 obj{N}__{k}.png files of COIL-20 'processed' in a folder and pass --data PATH"
 
 
@@ -43,6 +46,10 @@ class Coil20Options(BaseModel):
         description="random (seeded 9:1 per object), pose-block (poses 60-71 held out), alternate (odd poses).",
     )
     seed: int = Field(0, description="Seed of the random split.")
+    block_start: int = Field(
+        POSES - BLOCK, ge=0, lt=POSES,
+        description="pose-block: first of the 12 held-out poses, wrapping past 71 (60: poses 60-71).",
+    )  # fmt: skip
     test_fraction: float = Field(0.1, gt=0, lt=1, description="Share of each object's poses in test (random split).")
 
 
@@ -58,7 +65,8 @@ def parse_name(path: Path) -> tuple[int, int] | None:
 def _split_mask(objects: torch.Tensor, poses: torch.Tensor, options: Coil20Options) -> torch.Tensor:
     """True where a file goes to test."""
     if options.split == "pose-block":
-        return poses >= 60
+        # poses are 5 degrees apart on a full turn, so a block past 71 wraps round to 0
+        return (poses - options.block_start) % POSES < BLOCK
     if options.split == "alternate":
         return poses % 2 == 1
     generator = torch.Generator().manual_seed(options.seed)
