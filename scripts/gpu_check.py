@@ -621,7 +621,7 @@ class Check:
         from cnnkit.registry import MODELS
 
         try:
-            return int(MODELS.get(self.settings.variant_run[0]).recipe.input_size)
+            return int(MODELS.get(self.settings.variant_run[0]).recipe.on("fashion-mnist").input_size)
         except Exception:  # noqa: BLE001 - a registry in flux must not stop the report
             return None
 

@@ -46,10 +46,13 @@ def test_dry_run_runs_every_part_and_reports_to_a_temporary_file(
     report = path.read_text()
     assert report.startswith("# cnnkit GPU check (CPU dry run)") and "none of these figures are GPU figures" in report
     assert re.search(r"## \(a\) pytest -m cuda tests/test_cuda.py\n\n\*\*\d+ skipped", report)
-    assert re.search(r"\| `lenet_bn` \| 28 \| 128 \| None \| [\d,]+ \| [\d,]+ \| \d\.\d{3} \| n/a \| n/a \|", report)
+    from cnnkit.registry import MODELS
+
+    side = MODELS.get("lenet_bn").recipe.on("fashion-mnist").input_size  # the loop runs the recipe's size
+    assert re.search(rf"\| `lenet_bn` \| {side} \| 128 \| None \| [\d,]+ \| [\d,]+ \| \d\.\d{{3}} \| n/a \| n/a \|", report)
     assert re.search(r"## \(c\) cnnkit train lenet_bn .*\n\nEnd to end .*\*\*[\d.]+ s\*\* wall; .*(test|val) accuracy 0\.\d{4}", report)
     assert re.search(r"\| `lenet_bn` \| 0\.100 \| \*\*0\.\d{4}\*\* \|", report)
-    assert re.search(r"\| `lenet_bn` \| 28 \| .* \| \d+\.\d% \| \d+\.\d% \|", report)  # MFU, cnnkit and bare
+    assert re.search(rf"\| `lenet_bn` \| {side} \| .* \| \d+\.\d% \| \d+\.\d% \|", report)  # MFU, cnnkit and bare
     assert "MFU = ex/s x 3 x forward FLOPs per image" in report
     assert len(re.findall(r"\| (on|off) \| (on|off) \| [\d,]+ \| [\d.]+x \| \d+\.\d% \|", report)) == 4
     assert re.search(r"## \(e\) bench/peers.py on cpu.*\n\n(ok in|not measured: bench/peers.py not present|"
