@@ -309,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         for split in splits:
             data = load_dataset("coil20", args.data, **SPLITS[split])
             for model in models:
-                own = REGISTRY.get(model).recipe.on("coil20")
-                asked = own.input_size if args.input_size == "recipe" else int(args.input_size)
+                asked = (REGISTRY.get(model).recipe.on("coil20").input_size if args.input_size == "recipe"
+                         else int(args.input_size))  # fmt: skip
                 side = input_side(model, MODELS.get(model, {}), asked)
                 for seed in range(args.first_seed, args.first_seed + args.seeds):
                     config = run_config(model, split, seed, args.epochs, side, args.recipe, args.batch_size, sets[model])

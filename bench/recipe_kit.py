@@ -246,10 +246,11 @@ def speed(args: argparse.Namespace) -> int:
                      f"{min(ratio):.2f}-{max(ratio):.2f}x |")
     text = "\n".join(lines) + "\n"
     # A subset is printed only unless --out names a file: the committed table has every row.
-    size = "" if args.input_size == 28 else f"-{args.input_size}px"
-    out = Path(args.out) if args.out else RESULTS / f"recipe-kit-speed-{args.model}{size}.md" if args.rows is None else None
-    if out is not None:
-        out.write_text(text, encoding="utf-8")
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    elif args.rows is None:
+        size = "" if args.input_size == 28 else f"-{args.input_size}px"
+        (RESULTS / f"recipe-kit-speed-{args.model}{size}.md").write_text(text, encoding="utf-8")
     print(text)
     return 0
 
